@@ -1,0 +1,186 @@
+"""Attention on one block, with its log-sum-exp: fused kernels per device, a pure-PyTorch reference, the merge.
+
+Shapes, everywhere in this module:
+  q: (batch, heads, q_len, head_dim)      k, v: (batch, kv_heads, k_len, head_dim), heads % kv_heads == 0
+  out: like q                             lse: (batch, heads, q_len), float32 (float64 for float64 input)
+``lse`` is the natural log-sum-exp of the scaled scores of each query over the keys it sees. ``causal``
+is top-left aligned: query i sees keys 0..i. Every query must see at least one key.
+
+The backward functions take the *final* output and log-sum-exp of the whole ring, not the block's own:
+with those, the gradient of each block is exact and local (no second forward pass).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention_forward", "attention_backward", "reference_forward", "reference_backward", "merge_"]
+
+aten = torch.ops.aten
+
+
+def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Repeat K/V heads to match q's heads (local only: K/V travel unexpanded)."""
+    groups = q.shape[1] // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _fold_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum an expanded K/V gradient (batch, heads, len, dim) back to (batch, kv_heads, len, dim)."""
+    b, h, n, d = grad.shape
+    return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, n, d).sum(2)
+
+
+def _mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure-PyTorch reference: any device, any dtype; materializes the (q_len, k_len) scores of one block.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reference_forward(q, k, v, *, causal: bool, scale: float):
+    """(out, lse) for one block, computed with plain matmuls in float32 (float64 for float64 input)."""
+    acc = _acc_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), _expand_kv(q, k).to(acc), _expand_kv(q, v).to(acc)
+    scores = qf @ kf.transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(~_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse.unsqueeze(-1)) @ vf
+    return out.to(q.dtype), lse
+
+
+def reference_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
+    """(dq, dk, dv) of one block given the final out and lse; dk/dv have kv_heads heads."""
+    acc = _acc_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), _expand_kv(q, k).to(acc), _expand_kv(q, v).to(acc)
+    do, o = dout.to(acc), out.to(acc)
+    scores = qf @ kf.transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(~_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    p = torch.exp(scores - lse.to(acc).unsqueeze(-1))
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ vf.transpose(-1, -2)
+    ds = p * (dp - (do * o).sum(-1, keepdim=True)) * scale
+    dq = ds @ kf
+    dk = ds.transpose(-1, -2) @ qf
+    kv_heads = k.shape[1]
+    return dq.to(q.dtype), _fold_kv_grad(dk, kv_heads).to(k.dtype), _fold_kv_grad(dv, kv_heads).to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused kernels (torch's private SDPA ops).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cpu_forward(q, k, v, causal, scale):
+    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+    )
+
+
+def _cuda_rng_placeholders(device):
+    """Philox seed and offset for the backward ops; unused without dropout."""
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    return zero, zero
+
+
+def _cuda_flash_forward(q, k, v, causal, scale):
+    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
+    out, lse, *_ = aten._scaled_dot_product_flash_attention(q, ke, ve, 0.0, causal, False, scale=scale)
+    return out, lse
+
+
+def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
+    empty = torch.empty(0, dtype=torch.int32, device=q.device)
+    seed, offset = _cuda_rng_placeholders(q.device)
+    dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+        dout, q, ke, ve, out, lse, empty, empty, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale
+    )
+    return dq, _fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])
+
+
+def _cuda_efficient_forward(q, k, v, causal, scale):
+    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, ke, ve, None, True, 0.0, causal, scale=scale)
+    return out, lse[..., : q.shape[2]]  # the kernel pads lse's length to a multiple of 32
+
+
+def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
+    seed, offset = _cuda_rng_placeholders(q.device)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, ke, ve, None, out, lse.contiguous(), seed, offset, 0.0, [True, True, True, False], causal,
+        scale=scale,
+    )
+    return dq, _fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])
+
+
+def _reference_forward(q, k, v, causal, scale):
+    return reference_forward(q, k, v, causal=causal, scale=scale)
+
+
+def _reference_backward(dout, q, k, v, out, lse, causal, scale):
+    return reference_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+
+
+def _select(q: torch.Tensor, backend: str):
+    """The (forward, backward) pair for q's device and dtype."""
+    if backend == "reference":
+        return _reference_forward, _reference_backward
+    if backend != "auto":
+        raise ValueError(f"unknown kernel backend {backend!r}; choose 'auto' or 'reference'")
+    if q.device.type == "cpu":
+        return _cpu_forward, _cpu_backward
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
+            return _cuda_flash_forward, _cuda_flash_backward
+        if q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return _cuda_efficient_forward, _cuda_efficient_backward
+    return _reference_forward, _reference_backward
+
+
+def attention_forward(q, k, v, *, causal: bool, scale: float, backend: str = "auto"):
+    """(out, lse) of one block: out like q, lse (batch, heads, q_len) float32."""
+    forward, _ = _select(q, backend)
+    out, lse = forward(q, k, v, causal, scale)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str = "auto"):
+    """(dq, dk, dv) of one block, given the final out and lse of the whole ring for these queries."""
+    _, backward = _select(q, backend)
+    return backward(dout, q, k, v, out, lse, causal, scale)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The merge: fold one block's (out_b, lse_b) into running fp32 accumulators, in place.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """out, lse <- the softmax-weighted combination of (out, lse) and (out_b, lse_b), in place.
+
+    out: (..., n, d) and lse: (..., n) accumulators (may be views). A query that has seen no key yet has
+    lse = -inf and out = 0; it takes the block's values exactly (sigmoid(+inf) = 1), without NaN.
+    """
+    weight = torch.sigmoid(lse_b - lse).unsqueeze(-1)
+    out.sub_(weight * (out - out_b))
+    lse.copy_(torch.logaddexp(lse, lse_b))

@@ -1,0 +1,208 @@
+"""Sequence layouts: which global positions each rank holds, and what each ring step computes.
+
+A layout is data. It answers two questions and nothing else:
+
+* ``positions(seq_len, rank, world_size)``: the global token positions rank ``rank`` holds, in local order;
+* ``blocks(q_rank, kv_rank, local_len, world_size, causal)``: the attention pieces a rank holding the
+  queries of ``q_rank`` computes against the keys/values of ``kv_rank``. Each :class:`Block` is a query
+  slice, a key slice and whether the piece is a top-left aligned causal triangle or a dense rectangle.
+
+Everything else (sharding, the ring engine, the simulator, the counts) is derived from these two answers,
+so a new layout is one new class here and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Block", "Layout", "Contiguous", "Striped", "Zigzag", "LAYOUTS", "get_layout", "positions", "shard", "unshard"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One attention piece: queries ``q`` attend to keys ``k`` (local slices), causal or dense.
+
+    ``causal=True`` means query ``q.start + i`` sees key ``k.start + j`` iff ``j <= i`` (top-left aligned, as
+    torch's fused kernels define it); ``causal=False`` means every query sees every key of the slice.
+    """
+
+    q: slice
+    k: slice
+    causal: bool
+
+    def pairs(self) -> int:
+        """Number of (query, key) pairs this block computes."""
+        nq, nk = self.q.stop - self.q.start, self.k.stop - self.k.start
+        if not self.causal or nq <= 0 or nk <= 0:
+            return max(nq, 0) * max(nk, 0)
+        tri = min(nq, nk)  # rows 0..tri-1 form a triangle; later rows see every key
+        return tri * (tri + 1) // 2 + (nq - tri) * nk
+
+
+class Layout:
+    """Base class: subclasses set ``name`` and implement ``positions`` and ``causal_blocks``."""
+
+    name: str = ""
+
+    def divisor(self, world_size: int) -> int:
+        """The sequence length must be a multiple of this."""
+        return world_size
+
+    def check(self, seq_len: int, world_size: int) -> None:
+        """Raise ValueError if ``seq_len`` cannot be split over ``world_size`` ranks in this layout."""
+        d = self.divisor(world_size)
+        if seq_len <= 0 or seq_len % d:
+            raise ValueError(
+                f"layout {self.name!r}: sequence length {seq_len} must be a positive multiple of {d} "
+                f"for {world_size} rank(s); pad the sequence to a multiple of {d}"
+            )
+
+    def positions(self, seq_len: int, rank: int, world_size: int) -> torch.Tensor:
+        """LongTensor (seq_len // world_size,): global positions held by ``rank``, in local order."""
+        raise NotImplementedError
+
+    def causal_blocks(self, q_rank: int, kv_rank: int, c: int, n: int) -> tuple[Block, ...]:
+        """The pieces of the causal mask between two ranks' tokens, ``c`` tokens each, ``n`` ranks."""
+        raise NotImplementedError
+
+    def blocks(self, q_rank: int, kv_rank: int, local_len: int, world_size: int, causal: bool) -> tuple[Block, ...]:
+        """What ``q_rank``'s queries compute against ``kv_rank``'s keys. Fully masked work is absent."""
+        if not causal:
+            return (Block(slice(0, local_len), slice(0, local_len), False),)
+        return tuple(b for b in self.causal_blocks(q_rank, kv_rank, local_len, world_size) if b.pairs())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Contiguous(Layout):
+    """Original Ring Attention: rank r holds positions r*c ... (r+1)*c - 1."""
+
+    name = "contiguous"
+
+    def positions(self, seq_len, rank, world_size):
+        self.check(seq_len, world_size)
+        c = seq_len // world_size
+        return torch.arange(rank * c, (rank + 1) * c)
+
+    def causal_blocks(self, q_rank, kv_rank, c, n):
+        everything = slice(0, c)
+        if kv_rank < q_rank:
+            return (Block(everything, everything, False),)
+        if kv_rank == q_rank:
+            return (Block(everything, everything, True),)
+        return ()
+
+
+class Striped(Layout):
+    """Striped Attention: rank r holds positions r, r+N, r+2N, ... (token t lives on rank t mod N).
+
+    Local query i is position i*N + r and local key j is j*N + s, so for s <= r the mask is j <= i
+    (causal with its diagonal) and for s > r it is j < i: query i+1 against key j, shifted by one row.
+    """
+
+    name = "striped"
+
+    def positions(self, seq_len, rank, world_size):
+        self.check(seq_len, world_size)
+        return torch.arange(rank, seq_len, world_size)
+
+    def causal_blocks(self, q_rank, kv_rank, c, n):
+        if kv_rank <= q_rank:
+            return (Block(slice(0, c), slice(0, c), True),)
+        return (Block(slice(1, c), slice(0, c - 1), True),)
+
+
+class Zigzag(Layout):
+    """Zigzag (Megatron, Llama 3): the sequence is cut into 2N chunks; rank r holds chunks r and 2N-1-r."""
+
+    name = "zigzag"
+
+    def divisor(self, world_size):
+        return 2 * world_size
+
+    def positions(self, seq_len, rank, world_size):
+        self.check(seq_len, world_size)
+        h = seq_len // (2 * world_size)
+        first = torch.arange(rank * h, (rank + 1) * h)
+        return torch.cat([first, first + (2 * world_size - 1 - 2 * rank) * h])
+
+    def causal_blocks(self, q_rank, kv_rank, c, n):
+        h = c // 2
+        if kv_rank == q_rank:  # local positions increase, so the whole block is one causal triangle
+            return (Block(slice(0, c), slice(0, c), True),)
+        if kv_rank < q_rank:  # both query chunks see the early key chunk only
+            return (Block(slice(0, c), slice(0, h), False),)
+        return (Block(slice(h, c), slice(0, c), False),)  # only the late query chunk sees anything
+
+
+LAYOUTS: dict[str, Layout] = {cls.name: cls() for cls in (Contiguous, Striped, Zigzag)}
+
+
+def get_layout(layout: str | Layout) -> Layout:
+    """The Layout for a name (``"contiguous"``, ``"striped"``, ``"zigzag"``) or a Layout instance."""
+    if isinstance(layout, Layout):
+        return layout
+    try:
+        return LAYOUTS[layout]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharding: the full sequence <-> this rank's tokens
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _group_rank_size(group) -> tuple[int, int]:
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def positions(seq_len: int, *, layout: str | Layout, rank: int, world_size: int) -> torch.Tensor:
+    """LongTensor (seq_len // world_size,): the global positions ``rank`` holds, in local order (for RoPE)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} rank(s)")
+    return get_layout(layout).positions(seq_len, rank, world_size)
+
+
+def shard(x: torch.Tensor, *, layout: str | Layout, dim: int, group=None) -> torch.Tensor:
+    """This rank's tokens of the full-sequence tensor ``x`` along ``dim``, in the layout's local order."""
+    rank, size = _group_rank_size(group)
+    index = positions(x.shape[dim], layout=layout, rank=rank, world_size=size).to(x.device)
+    return x.index_select(dim, index)
+
+
+def unshard(x_local: torch.Tensor, *, layout: str | Layout, dim: int, group=None) -> torch.Tensor:
+    """The whole sequence in original order, on every rank, from each rank's ``x_local`` along ``dim``.
+
+    Differentiable: the gradient of ``x_local`` is the sum over ranks of the gradient of their result.
+    """
+    rank, size = _group_rank_size(group)
+    if size == 1:
+        return x_local
+    gathered = _GatherSequence.apply(x_local, dim % x_local.dim(), group)
+    order = torch.cat([positions(gathered.shape[dim], layout=layout, rank=r, world_size=size) for r in range(size)])
+    return gathered.index_select(dim, torch.argsort(order).to(gathered.device))
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Concatenate every rank's tensor along ``dim`` in rank order; backward sums and keeps this rank's part."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        ctx.rank, ctx.local = dist.get_rank(group), x.shape[dim]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(ctx.dim, ctx.rank * ctx.local, ctx.local), None, None

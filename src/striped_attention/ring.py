@@ -1,0 +1,322 @@
+"""The ring engine: one autograd Function for every layout.
+
+Queries stay put. At step i rank r holds the keys/values of rank s = (r - i) mod N; the transfer of the next
+block is posted before the current one is computed, so it overlaps compute. The layout says which pieces
+of the (r, s) pair to compute; the kernels compute them; the merge folds them into fp32 accumulators.
+
+Backward reuses the saved output and log-sum-exp: dQ accumulates locally, while dK/dV accumulate in fp32
+in a buffer that follows its K/V block around the ring (one step behind it) and finally lands on its owner.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import kernels
+from .layouts import Layout, get_layout
+
+__all__ = ["ring_attention", "source_rank", "record_steps", "StepTime"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_KV_TAG, _GRAD_TAG = 0, 1
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: str | Layout = "striped",
+    group: dist.ProcessGroup | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: (batch, heads, local_seq, head_dim), this rank's queries in the layout's order
+            (see :func:`shard` and :func:`positions`).
+        k, v: (batch, kv_heads, local_seq, head_dim) with ``heads % kv_heads == 0`` (GQA, MQA). Only
+            kv_heads travel around the ring.
+        layout: ``"striped"`` (default), ``"contiguous"``, ``"zigzag"`` or a :class:`Layout`.
+        group: the sequence-parallel process group; None is the default group, or a world of one rank when
+            torch.distributed is not initialized.
+        causal: causal masking over the *global* positions; False attends to the whole sequence.
+        softmax_scale: scale of the scores; defaults to 1/sqrt(head_dim).
+        backend: ``"auto"`` (torch's fused kernels for the device, else the reference) or ``"reference"``
+            (pure PyTorch; any device and dtype).
+
+    Returns:
+        (batch, heads, local_seq, head_dim) with q's dtype: this rank's output, differentiable in q, k, v.
+
+    Raises:
+        ValueError: on inconsistent shapes, dtypes or devices, on this rank or between ranks.
+    """
+    lay = get_layout(layout)
+    _check_local(q, k, v, backend)
+    ring = _Ring(group)
+    lay.check(q.shape[2] * ring.size, ring.size)
+    scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    ring.check_consistent(q, k, lay, causal, scale)
+    return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend)
+
+
+def source_rank(rank: int, step: int, world_size: int) -> int:
+    """The rank whose K/V block ``rank`` holds at ring step ``step``: the schedule every tool shares."""
+    return (rank - step) % world_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-step timing (off unless someone records)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTime:
+    """One ring step on this rank: computing its blocks, then waiting for the next transfer to land."""
+
+    pass_: str  # "forward" or "backward"
+    step: int
+    source: int  # the rank whose K/V block was computed
+    compute_s: float
+    wait_s: float
+
+
+_recording: list[StepTime] | None = None
+
+
+@contextmanager
+def record_steps():
+    """Collect a :class:`StepTime` for every ring step run inside the block (synchronizing CUDA to time it).
+
+    >>> with record_steps() as steps:
+    ...     ring_attention(q, k, v).sum().backward()
+    """
+    global _recording
+    outer, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = outer
+
+
+class _StepClock:
+    """Marks the end of compute and of waiting in each step; does nothing unless recording."""
+
+    def __init__(self, pass_: str, device: torch.device):
+        self.pass_, self.device, self.on = pass_, device, _recording is not None
+        self.t = self._now()
+
+    def _now(self) -> float:
+        if not self.on:
+            return 0.0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def computed(self) -> None:
+        self.t_compute = self._now()
+
+    def waited(self, step: int, source: int) -> None:
+        if self.on:
+            now = self._now()
+            _recording.append(StepTime(self.pass_, step, source, self.t_compute - self.t, now - self.t_compute))
+            self.t = now
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_local(q, k, v, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, local_seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, _DTYPES))}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (b, h, n, d), (bk, hk, nk, dk) = q.shape, k.shape
+    if b != bk:
+        raise ValueError(f"batch mismatch: q has {b}, k/v have {bk}")
+    if d != dk:
+        raise ValueError(f"head_dim mismatch: q has {d}, k/v have {dk}")
+    if n != nk:
+        raise ValueError(f"local sequence length mismatch: q has {n}, k/v have {nk}")
+    if hk == 0 or h % hk:
+        raise ValueError(f"heads ({h}) must be a multiple of kv_heads ({hk})")
+    if n == 0 or d == 0 or b == 0:
+        raise ValueError(f"empty input: q has shape {tuple(q.shape)}")
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or 'reference'")
+
+
+_FIELDS = ("batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "layout", "causal", "softmax_scale")
+
+
+def _signature(q, k, layout, causal, scale) -> list[int]:
+    b, h, n, d = q.shape
+    dtype = _DTYPES.index(q.dtype)
+    name = zlib.crc32(type(layout).__qualname__.encode())
+    (scale_bits,) = struct.unpack("<q", struct.pack("<d", scale))
+    return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Communication
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Transfer:
+    """Tensors in flight from the previous rank; ``wait()`` returns them once they have arrived."""
+
+    def __init__(self, requests, received):
+        self._requests, self._received = requests, received
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        for request in self._requests:
+            request.wait()
+        return self._received
+
+
+class _Ring:
+    """This rank's place in the ring: rank, size, neighbours, and the non-blocking shift."""
+
+    _validated: set = set()  # (group, signature) pairs already checked across ranks
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        if group is None and not (dist.is_available() and dist.is_initialized()):
+            self.group, self.rank, self.size = None, 0, 1
+            return
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
+
+    def shift(self, tensors: tuple[torch.Tensor, ...], tag: int) -> _Transfer:
+        """Send ``tensors`` to the next rank and receive the previous rank's, without blocking."""
+        received = tuple(torch.empty_like(t) for t in tensors)
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in received]
+        return _Transfer(dist.batch_isend_irecv(ops), received)
+
+    def check_consistent(self, q, k, layout, causal, scale) -> None:
+        """Raise the same ValueError on every rank if the ranks disagree; once per new signature."""
+        if self.size == 1:
+            return
+        mine = _signature(q, k, layout, causal, scale)
+        key = (id(self.group), tuple(mine), q.device.type)
+        if key in self._validated:
+            return
+        device = q.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        gathered = [torch.empty(len(mine), dtype=torch.int64, device=device) for _ in range(self.size)]
+        dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=device), group=self.group)
+        table = [t.tolist() for t in gathered]
+        bad = [f for i, f in enumerate(_FIELDS) if len({row[i] for row in table}) > 1]
+        if bad:
+            per_rank = "; ".join(
+                f"rank {r}: " + ", ".join(f"{f}={_show(f, row[_FIELDS.index(f)])}" for f in bad)
+                for r, row in enumerate(table)
+            )
+            raise ValueError(f"ranks disagree on {', '.join(bad)} ({per_rank})")
+        self._validated.add(key)
+
+
+def _show(field: str, value: int):
+    if field == "dtype":
+        return str(_DTYPES[value])
+    if field == "softmax_scale":
+        return struct.unpack("<d", struct.pack("<q", value))[0]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
+    """(out, lse): out (b, h, c, d) in q's dtype, lse (b, h, c) float32 (float64 for float64 input)."""
+    b, h, c, d = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(b, h, c, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, c), float("-inf"), dtype=acc, device=q.device)
+    kv, clock = (k, v), _StepClock("forward", q.device)
+    for step in range(ring.size):
+        source = source_rank(ring.rank, step, ring.size)
+        incoming = ring.shift(kv, _KV_TAG) if step + 1 < ring.size else None
+        for blk in layout.blocks(ring.rank, source, c, ring.size, causal):
+            out_b, lse_b = kernels.attention_forward(
+                q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k], causal=blk.causal, scale=scale, backend=backend
+            )
+            kernels.merge_(out[:, :, blk.q], lse[:, :, blk.q], out_b, lse_b)
+        clock.computed()
+        if incoming is not None:
+            kv = incoming.wait()
+        clock.waited(step, source)
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
+    """(dq, dk, dv) with the dtypes of q, k, v. dK/dV ride the ring one step behind their K/V block."""
+    c = q.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv, grads_in_flight, clock = (k, v), None, _StepClock("backward", q.device)
+    for step in range(ring.size):
+        source = source_rank(ring.rank, step, ring.size)
+        incoming = ring.shift(kv, _KV_TAG) if step + 1 < ring.size else None
+        dk = torch.zeros(kv[0].shape, dtype=acc, device=q.device)
+        dv = torch.zeros(kv[1].shape, dtype=acc, device=q.device)
+        for blk in layout.blocks(ring.rank, source, c, ring.size, causal):
+            dq_b, dk_b, dv_b = kernels.attention_backward(
+                dout[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k], out[:, :, blk.q],
+                lse[:, :, blk.q], causal=blk.causal, scale=scale, backend=backend,
+            )
+            dq[:, :, blk.q] += dq_b
+            dk[:, :, blk.k] += dk_b
+            dv[:, :, blk.k] += dv_b
+        clock.computed()
+        if grads_in_flight is not None:  # what the ranks before us added for this same K/V block
+            dk_prev, dv_prev = grads_in_flight.wait()
+            dk += dk_prev
+            dv += dv_prev
+        if ring.size > 1:  # after the last step this sends each block's gradient home
+            grads_in_flight = ring.shift((dk, dv), _GRAD_TAG)
+        if incoming is not None:
+            kv = incoming.wait()
+        clock.waited(step, source)
+    if grads_in_flight is not None:
+        dk, dv = grads_in_flight.wait()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, ring, causal, scale, backend):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = _ring_forward(q, k, v, layout, ring, causal, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (layout, ring, causal, scale, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None

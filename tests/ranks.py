@@ -1,0 +1,56 @@
+"""Helpers for multi-rank tests: run a module-level function on N gloo ranks on loopback, with a timeout."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from striped_attention import shard, unshard
+from striped_attention.launch import launch
+
+RANK_TIMEOUT_S = 60  # every collective fails after this, so a deadlock fails the test instead of hanging
+
+
+def run_ranks(fn, world_size: int, *args):
+    """fn(*args) on world_size ranks; the list of their results."""
+    return launch(fn, world_size, *args, timeout_s=RANK_TIMEOUT_S)
+
+
+def cached(fn):
+    """Memoize a launch: many parametrized tests read the results of one multi-rank run."""
+    return functools.lru_cache(maxsize=None)(fn)
+
+
+def full_inputs(seed, batch, heads, kv_heads, seq, head_dim):
+    """float64 q, k, v and an output gradient over the whole sequence."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, seq, head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, seq, head_dim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, seq, head_dim, generator=g, dtype=torch.float64)
+    dout = torch.randn(batch, heads, seq, head_dim, generator=g, dtype=torch.float64)
+    return q, k, v, dout
+
+
+def reference(q, k, v, dout, causal, scale):
+    """float64 attention on the whole sequence: (out, dq, dk, dv)."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def sharded_run(layout, dtype, q, k, v, dout, **kwargs):
+    """Shard, run ring attention forward+backward, unshard: (out, dq, dk, dv) over the whole sequence."""
+    from striped_attention import ring_attention
+
+    local = [shard(t, layout=layout, dim=2).to(dtype).requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, layout=layout, **kwargs)
+    out.backward(shard(dout, layout=layout, dim=2).to(dtype))
+    return tuple(unshard(t, layout=layout, dim=2) for t in (out.detach(), *(t.grad for t in local)))

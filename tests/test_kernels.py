@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from striped_attention import kernels
+
+
+def _inputs(dtype, heads=4, kv_heads=2, q_len=37, k_len=37, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, q_len, d, generator=g).to(dtype)
+    k = torch.randn(2, kv_heads, k_len, d, generator=g).to(dtype)
+    v = torch.randn(2, kv_heads, k_len, d, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(4, 2, 37, 37), (4, 1, 20, 33), (2, 2, 300, 300)])
+def test_fused_cpu_kernel_matches_reference(dtype, tol, causal, shape):
+    heads, kv_heads, q_len, k_len = shape
+    q, k, v = _inputs(dtype, heads, kv_heads, q_len, k_len)
+    scale = 0.3
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale)
+    out_r, lse_r = kernels.reference_forward(q, k, v, causal=causal, scale=scale)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert (out.double() - out_r.double()).norm() / out_r.double().norm() < tol
+    assert (lse.double() - lse_r.double()).abs().max() < tol * 10
+    dout = torch.randn_like(out)
+    fused = kernels.attention_backward(dout, q, k, v, out_r, lse_r, causal=causal, scale=scale)
+    ref = kernels.reference_backward(dout, q, k, v, out_r, lse_r, causal=causal, scale=scale)
+    for a, b in zip(fused, ref):
+        assert a.shape == b.shape
+        assert (a.double() - b.double()).norm() / b.double().norm() < tol
+
+
+def test_reference_matches_sdpa_in_float64():
+    q, k, v = _inputs(torch.float64)
+    out, _ = kernels.reference_forward(q, k, v, causal=True, scale=0.2)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2, enable_gqa=True)
+    torch.testing.assert_close(out, want)
+
+
+def test_merge_of_key_halves_equals_whole():
+    q, k, v = _inputs(torch.float64, k_len=40)
+    whole, whole_lse = kernels.reference_forward(q, k, v, causal=False, scale=0.25)
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
+    for part in (slice(20, 40), slice(0, 20)):
+        kernels.merge_(out, lse, *kernels.reference_forward(q, k[:, :, part], v[:, :, part], causal=False, scale=0.25))
+    torch.testing.assert_close(out, whole)
+    torch.testing.assert_close(lse, whole_lse)
+
+
+def test_merge_into_empty_accumulator_has_no_nan():
+    out = torch.zeros(1, 1, 3, 2)
+    lse = torch.full((1, 1, 3), float("-inf"))
+    block = torch.randn(1, 1, 3, 2)
+    kernels.merge_(out, lse, block, torch.tensor([[[1.0, -5.0, 1e4]]]))
+    assert torch.equal(out, block)
+    assert lse.tolist() == [[[1.0, -5.0, 1e4]]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extreme_logits_stay_finite(dtype):
+    q, k, v = _inputs(torch.float32, q_len=16, k_len=16)
+    q = (q * 100).to(dtype)  # scores around 1e4
+    k, v = k.to(dtype), v.to(dtype)
+    out, lse = kernels.attention_forward(q, k, v, causal=True, scale=1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref, _ = kernels.reference_forward(q.double(), k.double(), v.double(), causal=True, scale=1.0)
+    assert (out.double() - ref).abs().max() < 0.05
+
+
+def test_unknown_backend():
+    q, k, v = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        kernels.attention_forward(q, k, v, causal=True, scale=1.0, backend="triton")

@@ -1,0 +1,195 @@
+"""Ring attention on 1 to 4 gloo ranks against float64 attention on the whole sequence.
+
+Each world size is launched once (its ranks run every case) and the parametrized tests read the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from ranks import cached, full_inputs, reference, relative_error, run_ranks, sharded_run
+from striped_attention import LAYOUTS, positions, ring_attention, shard, unshard
+
+
+@dataclass(frozen=True)
+class Case:
+    layout: str
+    causal: bool
+    dtype: str = "float32"
+    batch: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    seq: int = 48
+    head_dim: int = 24  # not a power of two
+    scale: float | None = None
+    backend: str = "auto"
+
+    @property
+    def tol(self):
+        return 1e-5 if self.dtype in ("float32", "float64") else 1e-2
+
+
+def _cases(world):
+    cases = [Case(name, causal) for name in sorted(LAYOUTS) for causal in (True, False)]
+    if world in (2, 4):
+        for name in sorted(LAYOUTS):
+            for causal in (True, False):
+                cases += [
+                    Case(name, causal, kv_heads=1, head_dim=16),  # MQA
+                    Case(name, causal, batch=1, heads=2, kv_heads=2, head_dim=32, scale=0.3),  # MHA, custom scale
+                    Case(name, causal, dtype="bfloat16"),
+                    Case(name, causal, dtype="float16"),
+                ]
+    if world == 2:
+        cases += [Case(name, True, seq=1200, heads=2, kv_heads=1, head_dim=64) for name in sorted(LAYOUTS)]
+        cases += [Case(name, True, backend="reference") for name in sorted(LAYOUTS)]
+    return cases
+
+
+WORLDS = (1, 2, 3, 4)
+ALL_CASES = [(world, case) for world in WORLDS for case in _cases(world)]
+
+
+def run_cases(world):
+    """On each rank: every case's relative errors (out, dq, dk, dv) against float64 on the whole sequence."""
+    errors = {}
+    for case in _cases(world):
+        q, k, v, dout = full_inputs(0, case.batch, case.heads, case.kv_heads, case.seq, case.head_dim)
+        want = reference(q, k, v, dout, case.causal, case.scale)
+        got = sharded_run(
+            case.layout, getattr(torch, case.dtype), q, k, v, dout,
+            causal=case.causal, softmax_scale=case.scale, backend=case.backend,
+        )
+        assert all(g.dtype == getattr(torch, case.dtype) for g in got)
+        errors[case] = [relative_error(g, w) for g, w in zip(got, want)]
+    return errors
+
+
+@cached
+def results(world):
+    return run_ranks(run_cases, world, world)
+
+
+@pytest.mark.parametrize("world, case", ALL_CASES, ids=[f"N{w}-{c}" for w, c in ALL_CASES])
+def test_matches_float64_attention(world, case):
+    per_rank = results(world)
+    for rank_errors in per_rank:
+        out, dq, dk, dv = rank_errors[case]
+        assert max(out, dq, dk, dv) <= case.tol, dict(out=out, dq=dq, dk=dk, dv=dv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_checks():
+    """Round trips, determinism, extreme logits and bad input, on each of 2 ranks."""
+    import torch.distributed as dist
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    report = {}
+    x = torch.randn(2, 3, 16, 5, generator=torch.Generator().manual_seed(1))
+    for name in LAYOUTS:
+        local = shard(x, layout=name, dim=2)
+        report[f"shard-{name}"] = torch.equal(local, x[:, :, positions(16, layout=name, rank=rank, world_size=n)])
+        report[f"roundtrip-{name}"] = torch.equal(unshard(local, layout=name, dim=2), x)
+
+    # determinism: two runs are bitwise equal, forward and backward
+    q, k, v, dout = full_inputs(3, 1, 4, 2, 64, 32)
+    runs = [sharded_run("striped", torch.bfloat16, q, k, v, dout) for _ in range(2)]
+    report["deterministic"] = all(torch.equal(a, b) for a, b in zip(*runs))
+
+    # extreme logits: scores around 1e4 give finite, correct outputs
+    q, k, v, dout = full_inputs(4, 1, 2, 2, 32, 16)
+    q = q * 25
+    want = reference(q, k, v, dout, True, None)
+    got = sharded_run("striped", torch.float32, q, k, v, dout)
+    report["extreme-finite"] = all(torch.isfinite(g).all().item() for g in got)
+    report["extreme-error"] = max(relative_error(g, w) for g, w in zip(got, want))
+
+    # bad input: every rank gets the ValueError, and the ring still works afterwards
+    def error_of(fn):
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return None
+
+    t = lambda *shape, dtype=torch.float32: torch.randn(*shape, dtype=dtype)  # noqa: E731
+    c = 8
+    bad = {
+        "indivisible": lambda: shard(t(1, 2, 7, 4), layout="striped", dim=2),
+        "zigzag-odd-local": lambda: ring_attention(t(1, 2, 3, 4), t(1, 2, 3, 4), t(1, 2, 3, 4), layout="zigzag"),
+        "dtype": lambda: ring_attention(t(1, 2, c, 4), t(1, 2, c, 4, dtype=torch.bfloat16), t(1, 2, c, 4)),
+        "device": lambda: ring_attention(t(1, 2, c, 4), torch.empty(1, 2, c, 4, device="meta"), t(1, 2, c, 4)),
+        "batch": lambda: ring_attention(t(2, 2, c, 4), t(1, 2, c, 4), t(1, 2, c, 4)),
+        "head_dim": lambda: ring_attention(t(1, 2, c, 4), t(1, 2, c, 8), t(1, 2, c, 8)),
+        "heads": lambda: ring_attention(t(1, 3, c, 4), t(1, 2, c, 4), t(1, 2, c, 4)),
+        "layout": lambda: ring_attention(t(1, 2, c, 4), t(1, 2, c, 4), t(1, 2, c, 4), layout="ring"),
+        "peer-length": lambda: ring_attention(*(t(1, 2, c + 2 * rank, 4) for _ in range(3))),
+        "peer-dtype": lambda: ring_attention(*(t(1, 2, c, 4, dtype=[torch.float32, torch.float64][rank]) for _ in range(3))),
+        "peer-heads": lambda: ring_attention(t(1, 2 + 2 * rank, c, 4), t(1, 2, c, 4), t(1, 2, c, 4)),
+    }
+    for name, fn in bad.items():
+        report[f"bad-{name}"] = error_of(fn)
+    q, k, v, dout = full_inputs(5, 1, 2, 1, 16, 8)
+    report["works-after-errors"] = max(
+        relative_error(g, w) for g, w in zip(sharded_run("zigzag", torch.float32, q, k, v, dout), reference(q, k, v, dout, True, None))
+    )
+    return report
+
+
+@cached
+def checks():
+    return run_ranks(run_checks, 2)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_shard_unshard_round_trip(name):
+    for report in checks():
+        assert report[f"shard-{name}"] and report[f"roundtrip-{name}"]
+
+
+def test_deterministic():
+    assert all(report["deterministic"] for report in checks())
+
+
+def test_extreme_logits():
+    for report in checks():
+        assert report["extreme-finite"]
+        assert report["extreme-error"] <= 1e-5
+
+
+BAD = {
+    "indivisible": "multiple of 2",
+    "zigzag-odd-local": "multiple of 4",
+    "dtype": "share a dtype",
+    "device": "one device",
+    "batch": "batch mismatch",
+    "head_dim": "head_dim mismatch",
+    "heads": "multiple of kv_heads",
+    "layout": "unknown layout",
+    "peer-length": "ranks disagree on local_seq",
+    "peer-dtype": "ranks disagree on dtype",
+    "peer-heads": "ranks disagree on heads",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_is_a_value_error_on_every_rank(name):
+    for report in checks():
+        assert report[f"bad-{name}"] is not None, f"no ValueError for {name}"
+        assert BAD[name] in report[f"bad-{name}"]
+
+
+def test_ring_still_works_after_errors():
+    assert all(report["works-after-errors"] <= 1e-5 for report in checks())
+
+
+def test_world_of_one_without_process_group():
+    q, k, v, dout = full_inputs(0, 1, 4, 2, 32, 16)
+    want = reference(q, k, v, dout, True, None)
+    got = sharded_run("striped", torch.float64, q, k, v, dout)
+    assert max(relative_error(g, w) for g, w in zip(got, want)) < 1e-12
