@@ -252,10 +252,9 @@ def _show(field: str, value: int):
 
 def _ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
     """(out, lse): out (b, h, c, d) in q's dtype, lse (b, h, c) float32 (float64 for float64 input)."""
-    b, h, c, d = q.shape
+    c = q.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(b, h, c, d, dtype=acc, device=q.device)
-    lse = torch.full((b, h, c), float("-inf"), dtype=acc, device=q.device)
+    out = lse = None
     kv, clock = (k, v), _StepClock("forward", q.device)
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
@@ -264,12 +263,24 @@ def _ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
             out_b, lse_b = kernels.attention_forward(
                 q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k], causal=blk.causal, scale=scale, backend=backend
             )
+            if out is None and blk.q == slice(0, c):  # the first block to see every query starts the sums
+                out, lse = out_b.to(acc), lse_b.to(acc)
+                continue
+            if out is None:
+                out, lse = _no_keys_seen(q, acc)
             kernels.merge_(out[:, :, blk.q], lse[:, :, blk.q], out_b, lse_b)
         clock.computed()
         if incoming is not None:
             kv = incoming.wait()
         clock.waited(step, source)
+    if out is None:
+        out, lse = _no_keys_seen(q, acc)
     return out.to(q.dtype), lse
+
+
+def _no_keys_seen(q, acc):
+    """Accumulators before any block: out = 0, lse = -inf (what a query that sees nothing keeps)."""
+    return q.new_zeros(q.shape, dtype=acc), q.new_full(q.shape[:3], float("-inf"), dtype=acc)
 
 
 def _ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
