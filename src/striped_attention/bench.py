@@ -1,12 +1,18 @@
-"""Measure ring attention on real ranks: layouts interleaved, warm-up, median of repeats, per-step times.
+"""`striped-attention bench`: ring attention on real ranks, layouts interleaved, median of repeats, per-step times.
 
 ``measure(config)`` runs on every rank of an initialised process group and returns the same report on each.
 ``run(config)`` starts the local ranks itself (or, under torchrun, uses the launched ones) and returns it.
+Every timing is synchronized: all ranks start together and the slowest one ends it. Each rank also
+records, for every ring step, the time it computed and the time it then waited for the next K/V block.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -46,6 +52,7 @@ class Result:
     times_ms: list[float]
     steps: list[list[dict]] = field(default_factory=list)  # per rank: per step median compute_ms / wait_ms
     max_error: float | None = None
+    world_size: int = 1  # ranks that ran it (1 for the baseline)
 
     @property
     def time_ms(self) -> float:
@@ -59,7 +66,7 @@ class Result:
 BASELINE = "sdpa (1 rank)"
 
 
-def _inputs(cfg: BenchConfig, device):
+def random_inputs(cfg: BenchConfig, device):
     g = torch.Generator().manual_seed(cfg.seed)
     dtype = getattr(torch, cfg.dtype)
     shape = lambda h: (cfg.batch, h, cfg.seq_len, cfg.head_dim)  # noqa: E731
@@ -74,7 +81,7 @@ def _sync(device):
         dist.barrier()
 
 
-def _step_once(fn, device) -> float:
+def timed_ms(fn, device) -> float:
     """Synchronized wall time of fn() in ms: every rank starts together; the slowest one ends it."""
     _sync(device)
     start = time.perf_counter()
@@ -93,7 +100,7 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
     """Time every (layout, pass) on this process group; the same list of Results on every rank."""
     device = device or torch.device(cfg.device)
     rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    q, k, v, dout = _inputs(cfg, device)
+    q, k, v, dout = random_inputs(cfg, device)
     local = {name: [shard(t, layout=name, dim=2) for t in (q, k, v, dout)] for name in cfg.layouts}
 
     def ring(name, backward):
@@ -126,7 +133,7 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
         rotated = order[rep % len(order):] + order[: rep % len(order)]  # interleaved, no fixed position
         for i, key in enumerate(rotated):
             with record_steps() as recorded:
-                ms = _step_once(runs[key], device)
+                ms = timed_ms(runs[key], device)
             if rep >= cfg.warmup:
                 times[key].append(ms)
                 steps[key].append(recorded)
@@ -136,7 +143,7 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
     results = []
     for key in order:
         per_rank = _gather_objects(_median_steps(steps[key]), n)
-        results.append(Result(key[0], key[1], times[key], per_rank))
+        results.append(Result(key[0], key[1], times[key], per_rank, world_size=1 if key[0] == BASELINE else n))
     if cfg.check:
         _check(cfg, results, local, q, k, v, dout, ring, rank, n)
     return results
@@ -179,28 +186,255 @@ def _check(cfg, results, local, q, k, v, dout, ring, rank, n):
                 r.max_error = worst
 
 
-def _measure_on_rank(cfg: BenchConfig):
-    return [asdict(r) for r in measure(cfg, progress=None)]
+class Progress:
+    """A one-line progress display on stderr: ``label: done/total what``, redrawn at most 10 times a second."""
+
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream, self.last = label, stream or sys.stderr, 0.0
+
+    def __call__(self, done: int, total: int, what="") -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < 0.1:
+            return
+        self.last = now
+        what = " ".join(what) if isinstance(what, tuple) else str(what)
+        end = "\n" if done >= total else ""
+        self.stream.write(f"\r{self.label}: {done}/{total} {what}".ljust(72) + end)
+        self.stream.flush()
 
 
-def run(cfg: BenchConfig) -> list[Result]:
-    """Start ``cfg.world_size`` local ranks (or use torchrun's), measure, and return the Results."""
+def _rank_progress(show: bool):
+    """A Progress for rank 0 only, or None."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Progress("bench") if show and rank == 0 else None
+
+
+def _measure_on_rank(cfg: BenchConfig, progress: bool = False):
+    return [asdict(r) for r in measure(cfg, progress=_rank_progress(progress))]
+
+
+def run(cfg: BenchConfig, *, progress: bool = False) -> list[Result]:
+    """Start ``cfg.world_size`` local ranks (or use torchrun's), measure, and return the Results.
+
+    ``progress`` shows rank 0's progress on stderr. Under torchrun every rank returns the Results.
+    """
     from .launch import init_distributed, launch, under_torchrun
 
     if under_torchrun():
         device = init_distributed(cfg.device, threads=1 if cfg.device == "cpu" else None)
-        return measure(cfg, device)
-    per_rank = launch(_measure_on_rank, cfg.world_size, cfg, device=cfg.device)
+        return measure(cfg, device, progress=_rank_progress(progress))
+    per_rank = launch(_measure_on_rank, cfg.world_size, cfg, progress, device=cfg.device)
     return [Result(**r) for r in per_rank[0]]
 
 
-def format_table(results: list[Result], reference: str = "contiguous") -> str:
-    """layout, pass, median ms, min ms, speedup over ``reference``, and max error where checked."""
+def speedups(results: list[Result], reference: str = "contiguous") -> dict[tuple[str, str], float]:
+    """(layout, pass) -> time of ``reference`` / time of the layout, for the passes ``reference`` ran."""
     base = {r.pass_: r.time_ms for r in results if r.layout == reference}
-    rows = [("layout", "pass", "median ms", "min ms", f"vs {reference}", "max error")]
+    return {(r.layout, r.pass_): base[r.pass_] / r.time_ms for r in results if r.pass_ in base and r.layout != BASELINE}
+
+
+def efficiencies(results: list[Result]) -> dict[tuple[str, str], float]:
+    """(layout, pass) -> scaling efficiency T(one rank, whole sequence, SDPA) / (N * T(N ranks)).
+
+    Empty without the baseline."""
+    one = {r.pass_: r.time_ms for r in results if r.layout == BASELINE}
+    return {
+        (r.layout, r.pass_): one[r.pass_] / (r.world_size * r.time_ms)
+        for r in results if r.layout != BASELINE and r.pass_ in one
+    }
+
+
+def format_table(results: list[Result], reference: str = "contiguous") -> str:
+    """layout, pass, median ms, min ms, speedup over ``reference``, scaling efficiency (with the baseline)
+    and max error (where checked)."""
+    fast, eff = speedups(results, reference), efficiencies(results)
+    header = ["layout", "pass", "median ms", "min ms", f"vs {reference}"]
+    header += ["scaling efficiency"] * bool(eff) + ["max error"] * any(r.max_error is not None for r in results)
+    rows = [header]
     for r in results:
-        speedup = f"{base[r.pass_] / r.time_ms:.2f}x" if r.pass_ in base else "-"
-        error = "-" if r.max_error is None else f"{r.max_error:.1e}"
-        rows.append((r.layout, r.pass_, f"{r.time_ms:.1f}", f"{r.min_ms:.1f}", speedup, error))
+        key = (r.layout, r.pass_)
+        row = [r.layout, r.pass_, f"{r.time_ms:.1f}", f"{r.min_ms:.1f}", f"{fast[key]:.2f}x" if key in fast else "-"]
+        if eff:
+            row.append(f"{eff[key]:.0%}" if key in eff else "-")
+        if len(header) > len(row):
+            row.append("-" if r.max_error is None else f"{r.max_error:.1e}")
+        rows.append(row)
+    return format_rows(rows)
+
+
+def format_rows(rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart; the first row is the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def format_steps(results: list[Result]) -> str:
+    """Per layout and pass, one line per rank: each ring step's compute + wait in ms (median over repeats)."""
+    lines = []
+    for r in results:
+        if not any(r.steps):
+            continue
+        lines.append(f"{r.layout} {r.pass_}: per ring step, compute + waiting for the next block (ms)")
+        for rank, steps in enumerate(r.steps):
+            cells = [f"{s['pass'][0]}{s['step']} {s['compute_ms']:.1f}+{s['wait_ms']:.1f}" for s in steps]
+            lines.append(f"  rank {rank}: " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def results_json(results: list[Result], cfg: BenchConfig) -> dict:
+    """``{"config": ..., "results": [{"layout", "world_size", "seq_len", "pass", "time_ms", ...}, ...]}``."""
+    fast, eff = speedups(results), efficiencies(results)
+    shape = {k: getattr(cfg, k) for k in ("batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "device")}
+    rows = []
+    for r in results:
+        key = (r.layout, r.pass_)
+        rows.append({
+            "layout": r.layout, "world_size": r.world_size, "seq_len": cfg.seq_len, "pass": r.pass_,
+            "time_ms": r.time_ms, "min_ms": r.min_ms, "times_ms": r.times_ms,
+            "speedup_vs_contiguous": fast.get(key), "scaling_efficiency": eff.get(key), "max_error": r.max_error,
+            **shape, "steps": r.steps,
+        })
+    return {"config": asdict(cfg), "results": rows}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line (the workload options are shared with `simulate`)
+# ----------------------------------------------------------------------------------------------------------
+
+CLI_DESCRIPTION = """\
+Time causal ring attention on real ranks: every layout (and, with --baseline, one rank running torch SDPA on
+the whole sequence), interleaved, after warm-up. Reports the median and minimum synchronized wall time (all
+ranks start together, the slowest ends it), the speedup over contiguous, the scaling efficiency
+T(1 rank) / (N x T(N ranks)), and for each rank and ring step the time it computed and the time it then
+waited for the next K/V block.
+
+Local ranks: gloo on CPU with one thread each, or NCCL with one GPU each (--device cuda). Under torchrun it
+uses the launched ranks, across machines too, and ignores --world-size; only rank 0 prints and writes files.
+"""
+
+PASS_CHOICES = {"fwd": ("fwd",), "fwd+bwd": ("fwd+bwd",), "both": PASSES}
+
+
+def add_workload_arguments(p: argparse.ArgumentParser, defaults) -> None:
+    """The attention shape, layouts, passes, timing, seed and outputs; defaults read from a config object."""
+    from .plan import layout_list
+
+    p.add_argument("--seq-len", metavar="TOKENS", type=int, default=defaults.seq_len,
+                   help="global sequence length, tokens (default: %(default)s)")
+    p.add_argument("--batch", metavar="N", type=int, default=defaults.batch, help="sequences (default: %(default)s)")
+    p.add_argument("--heads", metavar="N", type=int, default=defaults.heads, help="query heads (default: %(default)s)")
+    p.add_argument("--kv-heads", metavar="N", type=int,
+                   help="key/value heads, GQA when fewer than --heads (default: --heads)")
+    p.add_argument("--head-dim", metavar="D", type=int, default=defaults.head_dim,
+                   help="channels per head (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=defaults.dtype,
+                   help="q/k/v dtype (default: %(default)s)")
+    p.add_argument("--layouts", metavar="LIST", type=layout_list, default=tuple(LAYOUTS),
+                   help="comma-separated layouts (default: contiguous,striped,zigzag)")
+    p.add_argument("--pass", dest="pass_", choices=list(PASS_CHOICES), default=_pass_name(defaults.passes),
+                   help="forward only, forward+backward, or both, each timed separately (default: %(default)s)")
+    p.add_argument("--repeats", metavar="N", type=int, default=defaults.repeats,
+                   help="timed repeats; the median over them is reported (default: %(default)s)")
+    p.add_argument("--warmup", metavar="N", type=int, default=defaults.warmup,
+                   help="untimed repeats before timing (default: %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device, help="device (default: %(default)s)")
+    p.add_argument("--seed", metavar="N", type=int, default=defaults.seed,
+                   help="seed of the random inputs (default: %(default)s)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--plot", metavar="PATH.png", help="draw the per-rank timeline to PATH.png (needs matplotlib)")
+
+
+def _pass_name(passes) -> str:
+    return next(name for name, value in PASS_CHOICES.items() if value == tuple(passes))
+
+
+def workload_fields(args) -> dict:
+    """The config fields the shared options set, checked: BenchConfig/SimConfig keyword arguments."""
+    for name in ("seq_len", "batch", "heads", "head_dim", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    kv_heads = args.kv_heads or args.heads
+    if kv_heads < 1 or args.heads % kv_heads:
+        raise ValueError(f"--heads ({args.heads}) must be a positive multiple of --kv-heads ({kv_heads})")
+    return dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
+                head_dim=args.head_dim, dtype=args.dtype, layouts=args.layouts, passes=PASS_CHOICES[args.pass_],
+                repeats=args.repeats, warmup=args.warmup, device=args.device, seed=args.seed)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time every layout on real ranks: wall time, per-step compute and waiting, speedup, efficiency",
+        description=CLI_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = BenchConfig()
+    p.add_argument("--world-size", metavar="N", type=int, default=defaults.world_size,
+                   help="local ranks (processes): gloo on CPU with one thread each, or NCCL with one GPU each "
+                        "for --device cuda (default: %(default)s)")
+    add_workload_arguments(p, defaults)
+    p.add_argument("--baseline", action="store_true",
+                   help="also time one rank running torch SDPA on the whole sequence, and report scaling "
+                        "efficiency = T(1 rank) / (N x T(N ranks))")
+    p.add_argument("--check", action="store_true",
+                   help="also compare every layout's output and gradients with single-process attention "
+                        "(max abs error column)")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from .launch import under_torchrun
+
+    try:
+        if args.world_size < 1:
+            raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+        cfg = BenchConfig(world_size=args.world_size, baseline=args.baseline, check=args.check,
+                          **workload_fields(args))
+        for name in cfg.layouts * (not under_torchrun()):  # under torchrun the ranks check their own world
+            LAYOUTS[name].check(cfg.seq_len, cfg.world_size)
+    except ValueError as e:
+        raise SystemExit(f"striped-attention bench: error: {e}") from None
+    lead = not under_torchrun() or int(os.environ["RANK"]) == 0
+    if lead:
+        ranks = "torchrun's ranks" if under_torchrun() else f"{cfg.world_size} local {cfg.device} rank(s)"
+        print(f"{'causal ' if cfg.causal else ''}attention, {cfg.seq_len} tokens x {cfg.batch} over {ranks}, "
+              f"{cfg.heads} heads / {cfg.kv_heads} kv heads, head_dim {cfg.head_dim}, {cfg.dtype}; "
+              f"median of {cfg.repeats} after {cfg.warmup} warm-up, variants interleaved", flush=True)
+    results = run(cfg, progress=True)
+    try:
+        if lead:
+            _report(args, cfg, results)
+    finally:
+        if under_torchrun():  # leave together: a rank that exits early breaks its peers' connections
+            dist.barrier()
+            dist.destroy_process_group()
+    return 0
+
+
+def _report(args, cfg: BenchConfig, results: list[Result]) -> None:
+    """Print the tables; write the JSON and the timeline pictures that were asked for."""
+    print(format_table(results))
+    print()
+    print(format_steps(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results_json(results, cfg), f, indent=2)
+    if args.plot:
+        from .plot import timeline
+
+        for pass_ in cfg.passes:
+            panels = {r.layout: r.steps for r in results if r.pass_ == pass_ and r.layout != BASELINE}
+            path = plot_path(args.plot, pass_, len(cfg.passes))
+            timeline(panels, path, title=f"{results[0].world_size} ranks, {cfg.seq_len} tokens, {pass_} "
+                                         f"(median per step over {cfg.repeats} repeats)")
+            print(f"timeline: {path}")
+
+
+def plot_path(path: str, pass_: str, passes: int) -> str:
+    """PATH.png, or PATH-fwd.png / PATH-fwd+bwd.png when both passes were timed."""
+    if passes == 1:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-{pass_.replace('+', '')}{ext or '.png'}"

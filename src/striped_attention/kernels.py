@@ -128,6 +128,7 @@ def _cuda_efficient_forward(q, k, v, causal, scale):
 def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     seed, offset = _cuda_rng_placeholders(q.device)
+    lse = torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32))  # the kernel's own lse is padded to 32
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
         dout, q, ke, ve, None, out, lse.contiguous(), seed, offset, 0.0, [True, True, True, False], causal,
         scale=scale,

@@ -22,10 +22,10 @@ import torch.distributed as dist
 from . import kernels
 from .layouts import Layout, get_layout
 
-__all__ = ["ring_attention", "source_rank", "record_steps", "StepTime"]
+__all__ = ["ring_attention", "ring_forward", "ring_backward", "source_rank", "record_steps", "StepTime", "Transfer"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_KV_TAG, _GRAD_TAG = 0, 1
+KV_TAG, GRAD_TAG = 0, 1
 
 
 def ring_attention(
@@ -182,8 +182,12 @@ def _signature(q, k, layout, causal, scale) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _Transfer:
-    """Tensors in flight from the previous rank; ``wait()`` returns them once they have arrived."""
+class Transfer:
+    """Tensors in flight from the previous rank; ``wait()`` returns them once they have arrived.
+
+    The engine needs only this and, from its ring, ``rank``, ``size`` and ``shift(tensors, tag) -> Transfer``:
+    the simulator plays every rank in one process by handing the engine a ring of its own.
+    """
 
     def __init__(self, requests, received):
         self._requests, self._received = requests, received
@@ -208,12 +212,12 @@ class _Ring:
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
 
-    def shift(self, tensors: tuple[torch.Tensor, ...], tag: int) -> _Transfer:
+    def shift(self, tensors: tuple[torch.Tensor, ...], tag: int) -> Transfer:
         """Send ``tensors`` to the next rank and receive the previous rank's, without blocking."""
         received = tuple(torch.empty_like(t) for t in tensors)
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in received]
-        return _Transfer(dist.batch_isend_irecv(ops), received)
+        return Transfer(dist.batch_isend_irecv(ops), received)
 
     def check_consistent(self, q, k, layout, causal, scale) -> None:
         """Raise the same ValueError on every rank if the ranks disagree; once per new signature."""
@@ -250,15 +254,18 @@ def _show(field: str, value: int):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
-    """(out, lse): out (b, h, c, d) in q's dtype, lse (b, h, c) float32 (float64 for float64 input)."""
+def ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
+    """The forward ring loop on contiguous q (b, h, c, d), k and v (b, kv_heads, c, d).
+
+    Returns (out, lse): out (b, h, c, d) in q's dtype, lse (b, h, c) float32 (float64 for float64 input).
+    """
     c = q.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = lse = None
     kv, clock = (k, v), _StepClock("forward", q.device)
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
-        incoming = ring.shift(kv, _KV_TAG) if step + 1 < ring.size else None
+        incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
         for blk in layout.blocks(ring.rank, source, c, ring.size, causal):
             out_b, lse_b = kernels.attention_forward(
                 q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k], causal=blk.causal, scale=scale, backend=backend
@@ -283,15 +290,16 @@ def _no_keys_seen(q, acc):
     return q.new_zeros(q.shape, dtype=acc), q.new_full(q.shape[:3], float("-inf"), dtype=acc)
 
 
-def _ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
-    """(dq, dk, dv) with the dtypes of q, k, v. dK/dV ride the ring one step behind their K/V block."""
+def ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
+    """The backward ring loop: (dq, dk, dv) with the dtypes of q, k, v, from the output gradient and the
+    forward's final out and lse. dK/dV ride the ring one step behind their K/V block."""
     c = q.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv, grads_in_flight, clock = (k, v), None, _StepClock("backward", q.device)
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
-        incoming = ring.shift(kv, _KV_TAG) if step + 1 < ring.size else None
+        incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
         dk = torch.zeros(kv[0].shape, dtype=acc, device=q.device)
         dv = torch.zeros(kv[1].shape, dtype=acc, device=q.device)
         for blk in layout.blocks(ring.rank, source, c, ring.size, causal):
@@ -308,7 +316,7 @@ def _ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
             dk += dk_prev
             dv += dv_prev
         if ring.size > 1:  # after the last step this sends each block's gradient home
-            grads_in_flight = ring.shift((dk, dv), _GRAD_TAG)
+            grads_in_flight = ring.shift((dk, dv), GRAD_TAG)
         if incoming is not None:
             kv = incoming.wait()
         clock.waited(step, source)
@@ -321,7 +329,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, ring, causal, scale, backend):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _ring_forward(q, k, v, layout, ring, causal, scale, backend)
+        out, lse = ring_forward(q, k, v, layout, ring, causal, scale, backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (layout, ring, causal, scale, backend)
         return out
@@ -329,5 +337,5 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None, None

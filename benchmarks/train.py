@@ -1,0 +1,124 @@
+"""End-to-end training throughput of striped vs contiguous vs zigzag: the paper's end-to-end table in miniature.
+
+Full training steps (forward, backward through the ring, gradient all-reduce, AdamW) of the ``bench`` model
+on local CPU ranks (1 thread each), one sequence sharded over all of them. The layouts are interleaved (each
+round runs one step of every layout, in a rotating order), after warm-up rounds; the median step time of each
+layout gives its tokens/s and its speedup over contiguous, printed beside the ``plan`` prediction for the
+same model, sequence length and ring size (its maximum: communication hidden, every FLOP at the same rate).
+
+Why the ``bench`` preset (d_model 256, 2 layers, 4 heads of 64, d_ff 688): at 16,384 tokens attention is 86%
+of its training FLOPs, the share of the paper's 7B model at 262,144 tokens, so the layouts are compared in
+the long-context regime the paper measured, at a size that one CPU core per rank trains in seconds a step.
+
+    python benchmarks/train.py                          # 2 ranks, 16,384 tokens, 3 rounds after 1 warm-up
+    python benchmarks/train.py --seq-len 2048 --repeats 1 --warmup 0     # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+from striped_attention import train as T
+from striped_attention.bench import Progress, timed_ms
+from striped_attention.launch import init_distributed, launch, under_torchrun
+from striped_attention.layouts import LAYOUTS
+from striped_attention.models import PRESETS, get_config
+from striped_attention.plan import max_training_speedup
+
+
+def measure(cfg: T.TrainConfig, layouts: tuple[str, ...], warmup: int, repeats: int, show_progress: bool) -> dict:
+    """On every rank: {layout: [step ms, ...]} over ``repeats`` interleaved rounds after ``warmup`` rounds."""
+    device = torch.device(cfg.device)
+    par = T.Parallel.build(cfg.dp, device)
+    model, optimizer = T.build_model_and_optimizer(cfg, device)
+    ids, labels = T.training_batch(T.load_corpus(cfg.data, val_percent=cfg.val_percent), 1, cfg)
+    batches = {name: T.local_batch(ids.to(device), labels.to(device), layout=name, par=par) for name in layouts}
+    lead = par.cp_rank == 0 and par.dp_rank == 0
+    progress = Progress("train bench") if show_progress and lead else None
+    times = {name: [] for name in layouts}
+    total = (warmup + repeats) * len(layouts)
+    for rnd in range(warmup + repeats):
+        order = layouts[rnd % len(layouts):] + layouts[: rnd % len(layouts)]
+        for i, name in enumerate(order):
+            def step(name=name):
+                T.train_step(model, optimizer, batches[name], layout=name, par=par, lr=cfg.lr,
+                             grad_clip=cfg.grad_clip, dtype=cfg.dtype)
+
+            ms = timed_ms(step, device)
+            if rnd >= warmup:
+                times[name].append(ms)
+            if progress:
+                progress(rnd * len(layouts) + i + 1, total, f"{name} {ms / 1e3:.1f} s/step")
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench", choices=list(PRESETS), help="model preset")
+    p.add_argument("--seq-len", type=int, default=16384, help="tokens per sequence (sharded over all ranks)")
+    p.add_argument("--world-size", type=int, default=2, help="local ranks (processes, 1 thread each on CPU)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--dtype", default="float32", choices=T.DTYPES, help="compute dtype")
+    p.add_argument("--layouts", default=",".join(("contiguous", "striped", "zigzag")),
+                   help=f"comma-separated layouts to compare, from {sorted(LAYOUTS)}; the first is the reference")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds (one step of every layout each) first")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median step time is reported")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: gloo ranks; cuda: one GPU per rank")
+    p.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
+    args = p.parse_args(argv)
+    layouts = tuple(args.layouts.split(","))
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"need --repeats >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    for name in layouts:
+        if name not in LAYOUTS:
+            p.error(f"unknown layout {name!r} in --layouts; choose from {sorted(LAYOUTS)}")
+    cfg = T.TrainConfig(
+        model=args.model, seq_len=args.seq_len, batch=args.batch, world_size=args.world_size, dtype=args.dtype,
+        device=args.device, layout=layouts[0], progress=False,
+    )
+    for name in layouts:
+        T.TrainConfig(**{**cfg.__dict__, "layout": name})  # every layout must fit the sequence length
+    model = get_config(cfg.model)
+    flops = model.training_flops_per_token(cfg.seq_len)
+    share = flops["attention"] / sum(flops.values())
+    print(
+        f"{cfg.model} model ({model.num_params() / 1e6:.1f}M parameters, attention {share:.0%} of training FLOPs), "
+        f"{cfg.batch} x {cfg.seq_len} tokens per step over {cfg.world_size} {cfg.device} rank(s), "
+        f"{cfg.dtype}; median of {args.repeats} interleaved rounds after {args.warmup} warm-up",
+        file=sys.stderr, flush=True,
+    )
+    run_args, threads = (cfg, layouts, args.warmup, args.repeats, True), 1 if cfg.device == "cpu" else None
+    if under_torchrun():
+        init_distributed(cfg.device, threads=threads)
+        times = measure(*run_args)
+    else:
+        times = launch(measure, cfg.world_size, *run_args, device=cfg.device, threads_per_rank=threads)[0]
+
+    tokens = cfg.batch * cfg.seq_len
+    median = {name: statistics.median(times[name]) for name in layouts}
+    reference = layouts[0]
+    rows = []
+    print(f"| layout | median s/step | tokens/s | vs {reference} | plan: max vs {reference} |")
+    print("|---|---:|---:|---:|---:|")
+    shape = dict(d_model=model.d_model, d_ff=model.d_ff, seq_len=cfg.seq_len, sp_degree=cfg.cp)
+    for name in layouts:
+        predicted = max_training_speedup(name, **shape) / max_training_speedup(reference, **shape)
+        row = {"layout": name, "median_s": median[name] / 1e3, "tokens_per_s": tokens / (median[name] / 1e3),
+               "speedup": median[reference] / median[name], "plan_speedup": predicted, "times_ms": times[name]}
+        rows.append(row)
+        print(f"| {name} | {row['median_s']:.2f} | {row['tokens_per_s']:,.0f} | {row['speedup']:.2f}x "
+              f"| {predicted:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            setting = {k: getattr(cfg, k) for k in ("model", "seq_len", "batch", "world_size", "dtype", "device")}
+            json.dump({**setting, "warmup": args.warmup, "repeats": args.repeats, "results": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

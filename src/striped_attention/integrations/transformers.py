@@ -1,0 +1,406 @@
+"""Striped context parallelism for Hugging Face transformers causal language models, in two calls.
+
+::
+
+    from striped_attention import unshard
+    from striped_attention.integrations.transformers import prepare, shard_inputs
+
+    model = prepare(model, layout="striped")                # once, on every rank
+    batch = shard_inputs(input_ids=ids, labels=ids)          # every step: the full batch in, this rank's share out
+    out = model(**batch)                                     # out.loss: this rank's share of the loss
+    out.loss.backward()
+    for p in model.parameters():                             # the usual data-parallel mean over the group
+        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    logits = unshard(out.logits, layout="striped", dim=1)    # only when the whole sequence is needed
+
+:func:`prepare` registers the ring as an attention function in transformers' own registry
+(``AttentionInterface``) and selects it with ``model.set_attn_implementation``: no model code is patched.
+Every rank holds ``seq / world_size`` tokens of each sequence (in the layout's order); the ring attends over
+the whole sequence, exactly. Everything else in a decoder (embeddings, norms, MLPs, the LM head) works token
+by token, so it runs unchanged on the local tokens, and RoPE gets the tokens' true global positions from
+:func:`shard_inputs`.
+
+Loss convention: labels are shifted for next-token prediction *before* sharding (so no target is lost at a
+shard edge), and ``out.loss`` on each rank is ``world_size * (sum of this rank's token losses) / (valid tokens
+in the whole batch)``. The mean over ranks of ``out.loss`` is the single-process loss, and the mean over ranks
+of every parameter's gradient is the single-process gradient, so an all-reduce-mean over the group (what data
+parallelism does) gives exact gradients. Labels equal to -100 are ignored, as in transformers.
+
+What cannot be served exactly raises ValueError, on every rank: padding masks with zeros, sliding windows
+shorter than the sequence, non-causal attention, attention dropout, attention weights as outputs, KV caches
+(generation), softcapping and attention sinks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+_INSTALL = 'pip install "striped-attention[transformers]"'
+try:
+    import transformers
+    from packaging.version import Version
+    from transformers import AttentionInterface, PreTrainedModel
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"striped_attention.integrations.transformers needs transformers>=4.57: {_INSTALL}") from e
+if Version(transformers.__version__) < Version("4.57"):  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"striped_attention.integrations.transformers needs transformers>=4.57 (set_attn_implementation, "
+        f"masks built per attention implementation); found {transformers.__version__}: {_INSTALL}"
+    )
+
+from ..layouts import Layout, _group_rank_size, get_layout, positions, shard
+from ..ring import ring_attention
+
+__all__ = ["prepare", "shard_inputs", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100  # label value that contributes no loss (transformers' convention)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def prepare(model: PreTrainedModel, *, layout: str | Layout = "striped", group: dist.ProcessGroup | None = None):
+    """Switch ``model`` to ring attention over ``group``; return the same model.
+
+    Call it on every rank of ``group`` with the same layout. It:
+
+    * registers a ring attention function in transformers' ``AttentionInterface`` and selects it with
+      ``model.set_attn_implementation`` (so its name appears as ``model.config._attn_implementation``);
+    * sets ``model.config.use_cache = False`` (a KV cache would hold only this rank's tokens);
+    * sets ``model.loss_function`` to the context-parallel causal LM loss: labels come already shifted from
+      :func:`shard_inputs`, and each rank's loss is its share (see the module docstring);
+    * checks the inputs of every forward pass (attention mask, position ids, cache) on every rank together,
+      so a bad input raises the same ValueError everywhere instead of hanging the ring.
+
+    Args:
+        model: a transformers model whose attention goes through ``AttentionInterface`` (Llama, Qwen2,
+            Mistral and most decoder-only families), e.g. ``LlamaForCausalLM``.
+        layout: ``"striped"`` (default), ``"zigzag"``, ``"contiguous"`` or a :class:`Layout`; must match
+            :func:`shard_inputs`.
+        group: the context-parallel process group; None is the default group (or one process when
+            torch.distributed is not initialized).
+
+    Raises:
+        ValueError: if the model is not a transformers model, does not use ``AttentionInterface``, is
+            configured non-causal or to return attention weights, or the layout is unknown.
+    """
+    lay = get_layout(layout)
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
+            "so the ring cannot be plugged in; Llama, Qwen2 and Mistral models can"
+        )
+    config = model.config
+    if not getattr(config, "is_causal", True):
+        raise ValueError(_UNSUPPORTED["non_causal"] + " (config.is_causal=False)")
+    if getattr(config, "output_attentions", False):
+        raise ValueError(_UNSUPPORTED["output_attentions"])
+    setup = _setup_for(lay, group)
+    model.set_attn_implementation(setup.name)
+    if config._attn_implementation != setup.name:
+        raise ValueError(f"{type(model).__name__} refused attention implementation {setup.name!r}")
+    config.use_cache = False
+    model.loss_function = setup.loss
+    old = _INPUT_CHECKS.pop(model, None)
+    if old is not None:
+        old.remove()
+    _INPUT_CHECKS[model] = model.base_model.register_forward_pre_hook(setup.check_inputs, with_kwargs=True)
+    return model
+
+
+def shard_inputs(
+    *,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    layout: str | Layout = "striped",
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, torch.Tensor]:
+    """This rank's share of a batch, ready for ``model(**batch)`` on a model from :func:`prepare`.
+
+    Pass every rank the same full batch. Each sequence's tokens are split over the ranks of ``group`` in the
+    layout's order; position ids are the tokens' true global positions (for RoPE); labels are shifted for
+    next-token prediction before sharding (label of token t = ``labels[t + 1]``, -100 after the last token),
+    so the model must not shift them again (the loss installed by :func:`prepare` does not).
+
+    Args:
+        input_ids: (batch, seq) integer token ids, the whole sequence; ``seq`` must be a multiple of the
+            world size (of twice the world size for ``"zigzag"``). Right-pad with any token and label -100
+            to get there: under causal attention, padding at the end changes nothing before it.
+        labels: (batch, seq) integer targets *unshifted*, as one would pass to ``model(labels=...)``;
+            -100 marks tokens without a loss. Optional.
+        position_ids: (seq,), (1, seq) or (batch, seq) global positions, consecutive in each row (an offset
+            is fine, restarts are not: packed documents are not supported). Defaults to ``0 .. seq-1``.
+        layout: as given to :func:`prepare`.
+        group: as given to :func:`prepare`.
+
+    Returns:
+        ``{"input_ids": (batch, local_seq), "position_ids": (batch or 1, local_seq), "labels": (batch,
+        local_seq)}`` (labels only if given), ``local_seq = seq / world_size``, on ``input_ids``' device.
+
+    Raises:
+        ValueError: on bad shapes or dtypes, a length the layout cannot split, or non-consecutive positions.
+    """
+    lay = get_layout(layout)
+    _check_ids("input_ids", input_ids, None)
+    batch, seq = input_ids.shape
+    rank, size = _group_rank_size(group)
+    lay.check(seq, size)
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+    else:
+        position_ids = _checked_positions(position_ids, batch, seq)
+    out = {
+        "input_ids": shard(input_ids, layout=lay, dim=1, group=group),
+        "position_ids": shard(position_ids.to(input_ids.device), layout=lay, dim=1, group=group),
+    }
+    if labels is not None:
+        _check_ids("labels", labels, input_ids.shape)
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        out["labels"] = shard(shifted.to(input_ids.device), layout=lay, dim=1, group=group)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One registered attention function, loss and input check per (layout, group)
+# ----------------------------------------------------------------------------------------------------------
+
+_UNSUPPORTED = {
+    "output_attentions": "attention weights cannot be returned (output_attentions=True): the ring never forms them",
+    "dropout": "attention dropout is not supported: set config.attention_dropout=0.0 or call model.eval()",
+    "non_causal": "non-causal attention is not supported: the ring serves causal decoders only",
+    "cache": (
+        "KV caches and generation are not supported: each rank holds only its shard of the sequence; "
+        "call the model with use_cache=False and no cache (prepare() sets config.use_cache=False)"
+    ),
+    "mask": (
+        "attention_mask must be None or a (batch, seq) mask of ones: the ring applies the causal mask only, "
+        "so padding holes would be attended; right-pad with labels -100 instead (exact under a causal mask)"
+    ),
+    "no_positions": (
+        "position_ids are missing, so the model would number this rank's tokens 0..local_seq-1; "
+        "pass the dict from shard_inputs()"
+    ),
+    "softcap": "attention logit softcapping is not supported",
+    "s_aux": "attention sinks are not supported",
+    "sinks": "attention sinks are not supported",
+    "position_bias": "additive position biases are not supported",
+}
+
+
+@dataclass(eq=False)
+class _Setup:
+    """A ring attention function registered under ``name`` for one (layout, group), and its companions."""
+
+    layout: Layout
+    group: dist.ProcessGroup | None
+    name: str
+
+    def __deepcopy__(self, memo):  # copies of a prepared model share its registered setup (and group)
+        return self
+
+    # -- attention -------------------------------------------------------------------------------------
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """transformers' attention signature: query (batch, heads, local_seq, head_dim), key/value
+        (batch, kv_heads, local_seq, head_dim); returns ((batch, local_seq, heads, head_dim), None)."""
+        self._check_call(module, query, key, attention_mask, dropout, kwargs)
+        out = ring_attention(
+            query, key, value, layout=self.layout, group=self.group, causal=True, softmax_scale=scaling
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    def _check_call(self, module, query, key, attention_mask, dropout, kwargs) -> None:
+        """Reject what the ring would compute wrongly. Every condition here is the same on every rank."""
+        is_causal = kwargs.get("is_causal")
+        if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
+            raise ValueError(_UNSUPPORTED["non_causal"])
+        if dropout:
+            raise ValueError(_UNSUPPORTED["dropout"] + f" (got dropout={dropout})")
+        config = getattr(module, "config", None)
+        if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+            raise ValueError(_UNSUPPORTED["output_attentions"])
+        for name in ("softcap", "s_aux", "sinks", "position_bias"):
+            if kwargs.get(name) is not None:
+                raise ValueError(_UNSUPPORTED[name])
+        if key.shape[2] != query.shape[2]:
+            raise ValueError(_UNSUPPORTED["cache"] + f" (got {query.shape[2]} queries and {key.shape[2]} keys)")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(_UNSUPPORTED["mask"] + f" (got a {attention_mask.dim()}-D mask)")
+        window = kwargs.get("sliding_window")
+        seq = query.shape[2] * _group_rank_size(self.group)[1]
+        if window is not None and window < seq:
+            raise ValueError(
+                f"sliding window attention (window {window}) is not supported for sequences longer than the window "
+                f"(got {seq} tokens): the ring attends to the whole causal past"
+            )
+
+    # -- loss ------------------------------------------------------------------------------------------
+
+    def loss(
+        self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=IGNORE_INDEX, shift_labels=None,
+        **kwargs,
+    ):
+        """This rank's share of the causal LM loss for labels already shifted by :func:`shard_inputs`.
+
+        logits (batch, local_seq, vocab), labels (batch, local_seq). Returns ``world_size * sum of this rank's
+        token losses / valid tokens over all ranks``; ``num_items_in_batch``, if given, replaces that count
+        (the number of valid labels in the whole, unsharded batch).
+        """
+        if shift_labels is not None:
+            raise ValueError("labels from shard_inputs() are already shifted; do not pass shift_labels")
+        logits = logits.float().reshape(-1, vocab_size)
+        labels = labels.reshape(-1).to(logits.device)
+        if labels.numel() != logits.shape[0]:
+            raise ValueError(f"labels have {labels.numel()} tokens but logits have {logits.shape[0]}")
+        total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+        size = _group_rank_size(self.group)[1]
+        if num_items_in_batch is None:
+            count = (labels != ignore_index).sum()
+            if size > 1:
+                count = count.to(_collective_device(self.group, logits.device))
+                dist.all_reduce(count, group=self.group)
+            num_items_in_batch = count
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total * size / num_items_in_batch
+
+    # -- inputs of each forward pass -------------------------------------------------------------------
+
+    def check_inputs(self, module, args, kwargs):
+        """Forward pre-hook of the base model: validate the mask, positions and cache on all ranks at once."""
+        signature = _signature(module)
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        for param in signature.parameters.values():  # flatten the forward's **kwargs into the named arguments
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(param.name, {}))
+        tokens = arguments.get("input_ids")
+        tokens = arguments.get("inputs_embeds") if tokens is None else tokens
+        rank, size = _group_rank_size(self.group)
+        code, offsets = self._local_problem(arguments, tokens, rank, size)
+        if size == 1:
+            if code is not None:
+                raise ValueError(self._message(code))
+            return None
+        # Every rank learns every rank's verdict, so all raise together (and none waits in the ring).
+        mine = [0 if code is None else 1 + _CODES.index(code), *_checksum(offsets)]
+        device = _collective_device(self.group, tokens.device if tokens is not None else torch.device("cpu"))
+        table = [torch.empty(3, dtype=torch.int64, device=device) for _ in range(size)]
+        dist.all_gather(table, torch.tensor(mine, dtype=torch.int64, device=device), group=self.group)
+        table = [row.tolist() for row in table]
+        for r, (index, *_) in enumerate(table):
+            if index:
+                raise ValueError(f"rank {r}: {self._message(_CODES[index - 1])}")
+        if len({tuple(row[1:]) for row in table}) > 1:
+            raise ValueError(
+                "position_ids disagree between ranks (different offsets): pass every rank its part of the "
+                f"same batch, from shard_inputs(layout={self.layout.name!r})"
+            )
+        return None
+
+    def _local_problem(self, arguments, tokens, rank, size):
+        """(code of the first problem with this rank's inputs or None, per-row position offsets or None)."""
+        if arguments.get("use_cache") or any(arguments.get(k) is not None for k in ("cache", "past_key_values")):
+            return "cache", None
+        mask = arguments.get("attention_mask")
+        if mask is not None and (mask.dim() != 2 or not bool(mask.bool().all())):
+            return "mask", None
+        if tokens is None or size == 1:
+            return None, None
+        pos = arguments.get("position_ids")
+        if pos is None:
+            return "no_positions", None
+        local = tokens.shape[1]
+        want = positions(local * size, layout=self.layout, rank=rank, world_size=size).to(pos.device)
+        diff = pos.reshape(-1, local) - want
+        if not bool((diff == diff[:, :1]).all()):
+            return "layout", None
+        return None, diff[:, 0].expand(tokens.shape[0])
+
+    def _message(self, code: str) -> str:
+        if code == "layout":
+            return (
+                f"position_ids do not follow layout {self.layout.name!r}: pass the dict from "
+                f"shard_inputs(layout={self.layout.name!r}), the layout given to prepare()"
+            )
+        return _UNSUPPORTED[code]
+
+
+_CODES = (*_UNSUPPORTED, "layout")  # problem codes, numbered for the exchange between ranks
+_SETUPS: list[_Setup] = []
+_INPUT_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # prepared model -> its input-check hook
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _setup_for(layout: Layout, group) -> _Setup:
+    """The registered setup for (layout, group), registering a new attention function on first use."""
+    for setup in _SETUPS:
+        if setup.layout is layout and setup.group is group:
+            return setup
+    setup = _Setup(layout, group, f"striped_attention_{layout.name or 'custom'}_{len(_SETUPS)}")
+    AttentionInterface.register(setup.name, setup.attention)
+    _SETUPS.append(setup)
+    return setup
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _collective_device(group, device: torch.device) -> torch.device:
+    """Where a small tensor for a collective must live: the device for NCCL, the CPU otherwise."""
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _signature(module) -> inspect.Signature:
+    cls = type(module)
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(module.forward)
+    return _SIGNATURES[cls]
+
+
+def _checksum(offsets: torch.Tensor | None) -> tuple[int, int]:
+    """Two numbers that differ between ranks if their per-row position offsets do."""
+    if offsets is None:
+        return 0, 0
+    weights = torch.arange(1, offsets.numel() + 1, device=offsets.device)
+    return int(offsets.sum()), int((offsets * weights).sum())
+
+
+def _check_ids(name: str, t, shape) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
+    if shape is None and t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(t.shape)}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _checked_positions(position_ids, batch: int, seq: int) -> torch.Tensor:
+    """position_ids as (1 or batch, seq), after checking it is consecutive in every row."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
+        raise ValueError("position_ids must be an integer torch.Tensor")
+    pos = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
+    if pos.dim() != 2 or pos.shape[1] != seq or pos.shape[0] not in (1, batch):
+        raise ValueError(
+            f"position_ids must have shape ({seq},), (1, {seq}) or ({batch}, {seq}), got {tuple(position_ids.shape)}"
+        )
+    if seq > 1 and not bool((pos.diff(dim=1) == 1).all()):
+        raise ValueError(
+            "position_ids must count up by one in every row (an offset is fine): restarts mean packed documents, "
+            "which the ring does not separate"
+        )
+    return pos

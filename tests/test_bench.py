@@ -1,0 +1,91 @@
+"""`striped-attention bench` on 2 real gloo ranks (one launch), and its tables, JSON and picture."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from striped_attention import LAYOUTS, cli
+from striped_attention.bench import BASELINE, BenchConfig, Result, efficiencies, format_steps, format_table, speedups
+from striped_attention.ring import source_rank
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One `bench` command on 2 local ranks, both passes, with the baseline, the check, JSON and a picture."""
+    pytest.importorskip("matplotlib")
+    d = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--world-size", "2", "--seq-len", "256", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
+            "--repeats", "2", "--warmup", "1", "--pass", "both", "--baseline", "--check",
+            "--json", str(d / "bench.json"), "--plot", str(d / "timeline.png")]
+    assert cli.main(args) == 0
+    return d, json.loads((d / "bench.json").read_text())
+
+
+def test_bench_json_contract(bench_run):
+    _, data = bench_run
+    rows = {(r["layout"], r["pass"]): r for r in data["results"]}
+    assert set(rows) == {(name, p) for name in [*LAYOUTS, BASELINE] for p in ("fwd", "fwd+bwd")}
+    for (name, _), r in rows.items():
+        assert r["seq_len"] == 256 and r["world_size"] == (1 if name == BASELINE else 2)
+        assert 0 < r["min_ms"] <= r["time_ms"] and len(r["times_ms"]) == 2
+        if name != BASELINE:
+            assert r["max_error"] < 1e-5  # float32 against single-process SDPA, outputs and gradients
+            assert r["scaling_efficiency"] == pytest.approx(rows[BASELINE, r["pass"]]["time_ms"] / (2 * r["time_ms"]))
+            assert r["speedup_vs_contiguous"] == pytest.approx(rows["contiguous", r["pass"]]["time_ms"] / r["time_ms"])
+    assert data["config"]["kv_heads"] == 1
+
+
+def test_bench_records_every_rank_and_step(bench_run):
+    _, data = bench_run
+    for r in data["results"]:
+        if r["layout"] == BASELINE:
+            continue
+        assert len(r["steps"]) == 2  # one list per rank
+        for rank, steps in enumerate(r["steps"]):
+            passes = ["forward"] + ["backward"] * (r["pass"] == "fwd+bwd")
+            assert [(s["pass"], s["step"]) for s in steps] == [(p, i) for p in passes for i in range(2)]
+            assert all(s["source"] == source_rank(rank, s["step"], 2) for s in steps)
+            assert all(s["compute_ms"] > 0 and s["wait_ms"] >= 0 for s in steps)
+
+
+def test_bench_draws_one_timeline_per_pass(bench_run):
+    d, _ = bench_run
+    for name in ("timeline-fwd.png", "timeline-fwdbwd.png"):
+        assert (d / name).stat().st_size > 10_000
+
+
+def _result(layout, pass_, ms, world_size=2):
+    steps = [[{"pass": "forward", "step": 0, "source": 0, "compute_ms": 1.0, "wait_ms": 0.5}]] * world_size
+    return Result(layout, pass_, [ms, ms + 2, ms - 1], steps, world_size=world_size)
+
+
+def test_tables_speedup_and_efficiency():
+    results = [_result("contiguous", "fwd", 30.0), _result("striped", "fwd", 20.0), _result(BASELINE, "fwd", 32.0, 1)]
+    assert speedups(results) == {("contiguous", "fwd"): 1.0, ("striped", "fwd"): 1.5}
+    assert efficiencies(results) == {("contiguous", "fwd"): 32 / 60, ("striped", "fwd"): 0.8}
+    table = format_table(results).splitlines()
+    assert table[0].split() == ["layout", "pass", "median", "ms", "min", "ms", "vs", "contiguous", "scaling",
+                                "efficiency"]
+    assert table[2].split() == ["striped", "fwd", "20.0", "19.0", "1.50x", "80%"]
+    assert "rank 1: f0 1.0+0.5" in format_steps(results)
+    assert "efficiency" not in format_table(results[:2])  # no baseline, no column
+
+
+def test_results_round_trip_through_the_launcher_format():
+    r = _result("zigzag", "fwd+bwd", 10.0)
+    assert Result(**asdict(r)) == r and r.time_ms == 10.0 and r.min_ms == 9.0
+    assert BenchConfig().passes == ("fwd", "fwd+bwd")  # demo relies on both passes by default
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq-len", "255"], "must be a positive multiple of 2"),
+    (["--heads", "3", "--kv-heads", "2"], r"--heads \(3\) must be a positive multiple of --kv-heads \(2\)"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--world-size", "0"], "--world-size must be >= 1"),
+])
+def test_bench_rejects_bad_arguments_before_launching(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", *argv])

@@ -1,0 +1,157 @@
+"""The analytic model: pair counts against brute force and the schedule, the speedup formula, the CLI."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import pytest
+
+from striped_attention import LAYOUTS, cli
+from striped_attention.plan import (
+    HARDWARE, MODELS, ModelShape, attention_fraction, critical_pairs, critical_path_s, max_training_speedup, plan,
+    ring_transfers, step_pairs, theoretical_max_speedup,
+)
+from striped_attention.ring import source_rank
+
+
+def brute_force_pairs(name, q_rank, kv_rank, c, n) -> int:
+    """Unmasked (query, key) pairs between two ranks' tokens, from their global positions alone."""
+    layout = LAYOUTS[name]
+    pq, pk = layout.positions(c * n, q_rank, n), layout.positions(c * n, kv_rank, n)
+    return int((pq[:, None] >= pk[None, :]).sum())
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_pair_counts_brute_force_schedule_and_closed_form_agree(name):
+    for n in range(1, 7):
+        for c in (2, 4, 6, 10):
+            for step in range(n):
+                per_rank = []
+                for rank in range(n):
+                    source = source_rank(rank, step, n)
+                    want = brute_force_pairs(name, rank, source, c, n)
+                    scheduled = sum(b.pairs() for b in LAYOUTS[name].blocks(rank, source, c, n, True))
+                    closed = step_pairs(name, rank=rank, step=step, local_len=c, world_size=n)
+                    assert want == scheduled == closed, (name, n, c, rank, step)
+                    per_rank.append(want)
+                assert critical_pairs(name, step=step, local_len=c, world_size=n) == max(per_rank)
+            total = sum(step_pairs(name, rank=r, step=i, local_len=c, world_size=n) for r in range(n) for i in range(n))
+            assert total == c * n * (c * n + 1) // 2  # every causal pair of the sequence, exactly once
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 32])
+def test_critical_path_fraction_tends_to_the_theory(n):
+    for name in LAYOUTS:
+        c = 4096
+        crit = Fraction(sum(critical_pairs(name, step=i, local_len=c, world_size=n) for i in range(n)), n * c * c)
+        # the exact count differs from the continuum fraction by the diagonal: c/2 per step at most
+        assert abs(crit - Fraction(attention_fraction(name, n)).limit_denominator(10**6)) <= Fraction(1, 2 * c)
+    assert attention_fraction("contiguous", 8) == 1 - 1 / 16
+    assert attention_fraction("striped", 8) == attention_fraction("zigzag", 8) == 0.5
+
+
+def test_theoretical_max_speedup_by_hand():
+    # d=2, d_ff=4, S=8, N=2: matmuls 3*(8*4 + 6*2*4) = 240, attention 3.5*4*8*2 = 224 per token and layer;
+    # contiguous pays 3/4 of attention (408), striped 1/2 (352)
+    assert theoretical_max_speedup(d_model=2, d_ff=4, seq_len=8, sp_degree=2) == pytest.approx(408 / 352)
+    assert theoretical_max_speedup(d_model=2, d_ff=4, seq_len=8, sp_degree=2, attention_cost_factor=2.0) == \
+        pytest.approx((240 + 0.75 * 448) / (240 + 0.5 * 448))
+
+
+def test_theoretical_max_speedup_limits():
+    kw = dict(d_model=2048, d_ff=5504, sp_degree=8)
+    assert theoretical_max_speedup(seq_len=2**40, **kw) == pytest.approx(15 / 8, rel=1e-4)  # attention only
+    assert theoretical_max_speedup(seq_len=1, **kw) == pytest.approx(1.0, abs=1e-3)  # no attention to speak of
+    assert theoretical_max_speedup(d_model=2048, d_ff=5504, seq_len=4096, sp_degree=1) == 1.0
+    paper = theoretical_max_speedup(seq_len=262144, attention_cost_factor=2.0, **kw)
+    assert 1.8 < paper < 1.875
+    assert theoretical_max_speedup(seq_len=262144, **kw) < paper  # cheaper attention, smaller share
+    assert max_training_speedup("zigzag", seq_len=262144, **kw) == theoretical_max_speedup(seq_len=262144, **kw)
+    assert max_training_speedup("contiguous", seq_len=262144, **kw) == 1.0
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        theoretical_max_speedup(d_model=8, d_ff=8, seq_len=0, sp_degree=2)
+    with pytest.raises(ValueError, match="attention_cost_factor"):
+        theoretical_max_speedup(d_model=8, d_ff=8, seq_len=8, sp_degree=2, attention_cost_factor=0)
+
+
+def test_ring_transfers_follow_the_engine():
+    assert ring_transfers("fwd", 4, 10, 3) == [10, 10, 10, 0, 0]
+    assert ring_transfers("bwd", 4, 10, 3) == [10, 13, 13, 3, 3]  # dK/dV one step behind, then home
+    assert ring_transfers("bwd", 1, 10, 3) == [0, 0]
+    with pytest.raises(ValueError, match="pass must be"):
+        ring_transfers("both", 2, 1, 1)
+
+
+def test_critical_path_takes_the_slower_of_compute_and_transfer():
+    transfers = ring_transfers("bwd", 3, 100, 50)  # [100, 150, 50, 50]
+    assert critical_path_s([1.0, 1.0, 1.0], transfers, bandwidth=1e9, latency=0.0) == pytest.approx(3.0 + 50e-9)
+    assert critical_path_s([0.0, 0.0, 0.0], transfers, bandwidth=100, latency=0.5) == pytest.approx(
+        (1 + 0.5) + (1.5 + 0.5) + (0.5 + 0.5) + (0.5 + 0.5))
+    with pytest.raises(ValueError, match="need 3 transfers"):
+        critical_path_s([1.0, 1.0], [0.0], 1.0, 0.0)
+
+
+def test_plan_for_the_papers_a100_setting():
+    p = plan(MODELS["1b"], HARDWARE["a100-nvlink"], seq_len=262144, sp_degree=8)
+    step = {(s.layout, s.pass_): s for s in p.steps}
+    assert set(step) == {(name, ps) for name in LAYOUTS for ps in ("fwd", "bwd")}
+    c = 262144 // 8
+    ratio = step["contiguous", "fwd"].compute_s / step["striped", "fwd"].compute_s
+    assert ratio == pytest.approx(c * c / (c * (c + 1) / 2))
+    assert step["striped", "bwd"].compute_s == pytest.approx(2.5 * step["striped", "fwd"].compute_s)
+    assert step["striped", "bwd"].transfer_s > step["striped", "fwd"].transfer_s  # dK/dV travel too
+    assert all(s.hidden for s in p.steps)  # 32k tokens per device hide NVLink easily
+    assert all(s.min_block < c for s in p.steps)
+    assert step["contiguous", "fwd"].min_block < step["striped", "fwd"].min_block  # full blocks hide more
+    assert step["striped", "fwd"].speedup == pytest.approx(theoretical_max_speedup(
+        d_model=2048, d_ff=5504, seq_len=262144, sp_degree=8, attention_cost_factor=2.0))
+    assert step["contiguous", "fwd"].critical_path_s > 1.8 * step["striped", "fwd"].critical_path_s
+    assert 0.9e9 < MODELS["1b"].params() < 1.4e9
+    assert p.memory.total() < p.memory.total(checkpointed=False)
+
+
+def test_plan_over_infiniband_does_not_hide_small_blocks():
+    p = plan(MODELS["7b"], HARDWARE["a100-ib"], seq_len=8 * 512, sp_degree=8)
+    fwd = {s.layout: s for s in p.steps if s.pass_ == "fwd"}
+    assert not fwd["striped"].hidden and fwd["striped"].min_block > 512
+    # at the smallest hiding block, the balanced step's compute covers its transfer; one token less does not
+    m, hw, b = MODELS["7b"], HARDWARE["a100-ib"], fwd["striped"].min_block
+    work = lambda c: 0.5 * c * c * 4 * m.d_model * hw.attention_cost_factor / hw.flops  # noqa: E731
+    send = lambda c: 2 * c * m.kv_dim * 2 / hw.bandwidth + hw.latency  # noqa: E731
+    assert work(b) >= send(b) and work(b - 1) < send(b - 1)
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plan(MODELS["1b"], HARDWARE["tpu-v4"], seq_len=1000, sp_degree=8)  # zigzag needs 2N
+    with pytest.raises(ValueError, match="dtype"):
+        plan(MODELS["1b"], HARDWARE["tpu-v4"], seq_len=1024, sp_degree=8, dtype="int8")
+    with pytest.raises(ValueError, match=r"heads \(32\) must be a multiple of kv_heads \(5\)"):
+        ModelShape(4096, 11008, 32, 32, 5)
+    with pytest.raises(ValueError, match="unknown layout .diagonal."):
+        step_pairs("diagonal", rank=0, step=0, local_len=4, world_size=2)
+
+
+def test_plan_command(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    assert cli.main(["plan", "--model", "7b", "--hardware", "tpu-v4", "--seq-len", "65536", "--sp-degree", "16",
+                     "--kv-heads", "8", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "TPU v4" in out and "8 kv heads" in out and "hides from" in out
+    data = json.loads(path.read_text())
+    assert {(r["layout"], r["pass"]) for r in data["results"]} == {(n, p) for n in LAYOUTS for p in ("fwd", "bwd")}
+    assert all(r["world_size"] == 16 and r["seq_len"] == 65536 and r["time_ms"] > 0 for r in data["results"])
+    assert data["model"]["kv_heads"] == 8
+
+
+def test_plan_command_overrides_and_errors(capsys):
+    assert cli.main(["plan", "--d-model", "1024", "--d-ff", "4096", "--layers", "2", "--heads", "8",
+                     "--flops", "100", "--bandwidth", "10", "--latency", "3", "--layouts", "striped"]) == 0
+    out = capsys.readouterr().out
+    assert "100 TFLOP/s, 10 GB/s, 3 us" in out and "8 heads / 8 kv heads" in out and "contiguous  fwd" not in out
+    with pytest.raises(SystemExit, match="must be a positive multiple of 8"):
+        cli.main(["plan", "--seq-len", "1001", "--sp-degree", "8", "--layouts", "striped"])
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--layouts", "diagonal"])
+    assert "unknown layout" in capsys.readouterr().err

@@ -1,0 +1,231 @@
+"""The transformers integration on 2 gloo ranks against the single-process ``sdpa`` model.
+
+Tiny random-init Llama, Qwen2 and Mistral models (nothing downloaded). One launch runs every case on both
+ranks: logits gathered with ``unshard``, the mean over ranks of the loss and of every parameter gradient,
+compared with one process; then every input the ring cannot serve exactly must raise the same ValueError
+on both ranks, and the ring must still work afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ranks import cached, relative_error, run_ranks  # noqa: E402
+from striped_attention import LAYOUTS, unshard  # noqa: E402
+from striped_attention.integrations.transformers import prepare, shard_inputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("llama", "qwen2", "mistral")
+TOL = 1e-4
+SEQ = 24  # a multiple of 4, so zigzag splits it over 2 ranks
+
+
+def tiny_model(family: str, **config):
+    """A 2-layer GQA decoder of the family with seeded random weights, on single-process ``sdpa``."""
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
+    settings = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{prefix}Config")(**settings, **config)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def inputs(seed: int = 1):
+    """input_ids and labels (2, SEQ); labels have ignored (-100) tokens spread unevenly over the ranks."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (2, SEQ), generator=g)
+    labels = ids.clone()
+    labels[0, 5] = labels[0, 9] = -100
+    labels[1, 14:] = -100
+    return ids, labels
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def compare(family: str, layout: str, **call) -> dict[str, float]:
+    """Relative errors of the context-parallel run against one process: logits, loss, worst gradient."""
+    ids, labels = inputs()
+    ref = tiny_model(family)
+    want = ref(input_ids=ids, labels=labels)
+    want.loss.backward()
+
+    model = prepare(copy.deepcopy(ref), layout=layout)
+    model.zero_grad()
+    got = model(**shard_inputs(input_ids=ids, labels=labels, layout=layout), **call)
+    got.loss.backward()
+    grads = [
+        relative_error(mean_over_ranks(p.grad), q.grad.double())
+        for p, q in zip(model.parameters(), ref.parameters())
+    ]
+    return {
+        "logits": relative_error(unshard(got.logits.detach(), layout=layout, dim=1), want.logits.double()),
+        "loss": abs(mean_over_ranks(got.loss).item() / want.loss.item() - 1),
+        "grad": max(grads),
+    }
+
+
+def error_of(fn):
+    """The ValueError message fn raises, or None."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def bad_calls(rank: int) -> dict:
+    """Each input the ring cannot serve exactly, as a function that must raise on every rank."""
+    ids, labels = inputs()
+    model = prepare(tiny_model("llama"), layout="striped")
+    batch = shard_inputs(input_ids=ids, labels=labels, layout="striped")
+    holes = torch.ones_like(batch["input_ids"])
+    holes[0, 3] = 0 if rank == 1 else 1  # padding on one rank only: both must still raise
+    offsets = shard_inputs(input_ids=ids, position_ids=torch.arange(SEQ) + 10 * rank, layout="striped")
+    zigzag = shard_inputs(input_ids=ids, labels=labels, layout="zigzag")
+    windowed = prepare(tiny_model("mistral", sliding_window=SEQ - 1))
+    dropout = prepare(tiny_model("llama", attention_dropout=0.1)).train()
+    return {
+        "mask-hole": lambda: model(**batch, attention_mask=holes),
+        "mask-4d": lambda: model(**batch, attention_mask=torch.ones(2, 1, SEQ // 2, SEQ // 2, dtype=torch.bool)),
+        "no-positions": lambda: model(input_ids=batch["input_ids"], labels=batch["labels"]),
+        "layout-mismatch": lambda: model(**zigzag),
+        "offsets-differ": lambda: model(**offsets),
+        "use-cache": lambda: model(**batch, use_cache=True),
+        "output-attentions": lambda: model(**batch, output_attentions=True),
+        "sliding-window": lambda: windowed(**batch),
+        "dropout": lambda: dropout(**batch),
+    }
+
+
+BAD = {
+    "mask-hole": "rank 1: attention_mask must be None or a (batch, seq) mask of ones",
+    "mask-4d": "attention_mask must be None or a (batch, seq) mask of ones",
+    "no-positions": "position_ids are missing",
+    "layout-mismatch": "do not follow layout 'striped'",
+    "offsets-differ": "position_ids disagree between ranks",
+    "use-cache": "KV caches and generation are not supported",
+    "output-attentions": "attention weights cannot be returned",
+    "sliding-window": "sliding window attention (window 23)",
+    "dropout": "attention dropout is not supported",
+}
+
+
+def run_all():
+    """On each of 2 ranks: the errors of every (family, layout) case, then the message of every bad call."""
+    import torch.distributed as dist
+
+    report = {(family, layout): compare(family, layout) for family in FAMILIES for layout in sorted(LAYOUTS)}
+    report["mask-of-ones"] = compare("llama", "striped", attention_mask=torch.ones(2, SEQ // 2, dtype=torch.long))
+    report["window-covers-sequence"] = compare("mistral", "zigzag")  # Mistral's default window (4096) >= SEQ
+    report.update({name: error_of(fn) for name, fn in bad_calls(dist.get_rank()).items()})
+    report["after-errors"] = compare("qwen2", "striped")
+    return report
+
+
+@cached
+def reports():
+    return run_ranks(run_all, 2)
+
+
+CASES = [(family, layout) for family in FAMILIES for layout in sorted(LAYOUTS)]
+
+
+@pytest.mark.parametrize("family, layout", CASES, ids=[f"{f}-{l}" for f, l in CASES])
+def test_logits_loss_and_gradients_match_one_process(family, layout):
+    for report in reports():
+        errors = report[(family, layout)]
+        assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("case", ["mask-of-ones", "window-covers-sequence", "after-errors"])
+def test_what_is_exact_is_served(case):
+    for report in reports():
+        assert max(report[case].values()) <= TOL, report[case]
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_inexact_inputs_raise_on_every_rank(name):
+    for rank, report in enumerate(reports()):
+        assert report[name] is not None, f"rank {rank}: no ValueError for {name}"
+        assert BAD[name] in report[name], report[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One process (no process group): argument checks and a world of one
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_world_of_one_matches_sdpa_and_labels_are_shifted():
+    ids, labels = inputs()
+    ref = tiny_model("qwen2")
+    want = ref(input_ids=ids, labels=labels)
+    model = prepare(copy.deepcopy(ref))
+    batch = shard_inputs(input_ids=ids, labels=labels)
+    assert torch.equal(batch["labels"][:, :-1], labels[:, 1:]) and (batch["labels"][:, -1] == -100).all()
+    assert torch.equal(batch["position_ids"], torch.arange(SEQ).unsqueeze(0))
+    got = model(**batch)
+    assert model.config._attn_implementation.startswith("striped_attention_striped")
+    assert model.config.use_cache is False
+    assert relative_error(got.logits.detach(), want.logits.double()) <= TOL
+    assert abs(got.loss.item() / want.loss.item() - 1) <= TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.zeros(2, SEQ)), "must hold integers"),
+        (dict(input_ids=torch.zeros(SEQ, dtype=torch.long)), "must be 2-D (batch, seq)"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), labels=torch.zeros(2, SEQ - 1, dtype=torch.long)),
+         "labels must have the shape of input_ids"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), position_ids=torch.arange(SEQ).remainder(8)),
+         "must count up by one"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), position_ids=torch.arange(SEQ - 1)),
+         "position_ids must have shape"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), layout="ring"), "unknown layout"),
+    ],
+)
+def test_shard_inputs_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        shard_inputs(**kwargs)
+
+
+def test_prepare_rejects_what_it_cannot_serve():
+    with pytest.raises(ValueError, match="PreTrainedModel"):
+        prepare(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="non-causal"):
+        prepare(tiny_model("llama", is_causal=False))
+    with pytest.raises(ValueError, match="attention weights"):
+        prepare(tiny_model("llama", output_attentions=True))
+
+
+def test_finetune_example_under_torchrun():
+    """The example fine-tunes for 3 steps on 2 ranks and reports a finite loss."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "finetune_transformers.py"), "--steps", "3", "--seq-len", "64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    match = re.search(r"2 rank\(s\).*loss ([\d.]+) -> ([\d.]+) in 3 steps", done.stdout)
+    assert match, done.stdout
+    first, last = map(float, match.groups())
+    assert 0 < last < first < 10
