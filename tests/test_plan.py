@@ -8,8 +8,9 @@ from fractions import Fraction
 import pytest
 
 from striped_attention import LAYOUTS, cli
+from striped_attention.models.llama import LlamaConfig
 from striped_attention.plan import (
-    HARDWARE, MODELS, ModelShape, attention_fraction, critical_pairs, critical_path_s, max_training_speedup, plan,
+    HARDWARE, MODELS, attention_fraction, critical_pairs, critical_path_s, max_training_speedup, plan,
     ring_transfers, step_pairs, theoretical_max_speedup,
 )
 from striped_attention.ring import source_rank
@@ -107,7 +108,7 @@ def test_plan_for_the_papers_a100_setting():
     assert step["striped", "fwd"].speedup == pytest.approx(theoretical_max_speedup(
         d_model=2048, d_ff=5504, seq_len=262144, sp_degree=8, attention_cost_factor=2.0))
     assert step["contiguous", "fwd"].critical_path_s > 1.8 * step["striped", "fwd"].critical_path_s
-    assert 0.9e9 < MODELS["1b"].params() < 1.4e9
+    assert 0.9e9 < MODELS["1b"].num_params() < 1.4e9
     assert p.memory.total() < p.memory.total(checkpointed=False)
 
 
@@ -127,8 +128,8 @@ def test_plan_rejects_bad_input():
         plan(MODELS["1b"], HARDWARE["tpu-v4"], seq_len=1000, sp_degree=8)  # zigzag needs 2N
     with pytest.raises(ValueError, match="dtype"):
         plan(MODELS["1b"], HARDWARE["tpu-v4"], seq_len=1024, sp_degree=8, dtype="int8")
-    with pytest.raises(ValueError, match=r"heads \(32\) must be a multiple of kv_heads \(5\)"):
-        ModelShape(4096, 11008, 32, 32, 5)
+    with pytest.raises(ValueError, match=r"n_heads \(32\) must be a multiple of n_kv_heads \(5\)"):
+        LlamaConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=5, d_ff=11008)
     with pytest.raises(ValueError, match="unknown layout .diagonal."):
         step_pairs("diagonal", rank=0, step=0, local_len=4, world_size=2)
 
@@ -142,7 +143,7 @@ def test_plan_command(tmp_path, capsys):
     data = json.loads(path.read_text())
     assert {(r["layout"], r["pass"]) for r in data["results"]} == {(n, p) for n in LAYOUTS for p in ("fwd", "bwd")}
     assert all(r["world_size"] == 16 and r["seq_len"] == 65536 and r["time_ms"] > 0 for r in data["results"])
-    assert data["model"]["kv_heads"] == 8
+    assert data["model"]["n_kv_heads"] == 8
 
 
 def test_plan_command_overrides_and_errors(capsys):

@@ -20,10 +20,11 @@ import math
 from dataclasses import asdict, dataclass
 
 from .layouts import LAYOUTS, get_layout
+from .models.llama import PRESETS, LlamaConfig
 from .ring import source_rank
 
 __all__ = [
-    "ModelShape", "Hardware", "MODELS", "HARDWARE", "theoretical_max_speedup", "max_training_speedup",
+    "Hardware", "MODELS", "HARDWARE", "theoretical_max_speedup", "max_training_speedup",
     "attention_fraction", "step_pairs", "critical_pairs", "ring_transfers", "transfer_s", "critical_path_s", "plan",
     "Plan", "StepCost", "Memory",
 ]
@@ -32,42 +33,6 @@ BACKWARD_FACTOR = {"fwd": 1.0, "bwd": 2.5}  # attention FLOPs relative to its fo
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GRAD_BYTES = 4  # dK/dV accumulate in float32 and travel the ring in float32
 ADAM_BYTES_PER_PARAM = 16  # bf16 weights and grads, float32 master weights and two Adam moments
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A Llama-style decoder: attention with ``heads`` query and ``kv_heads`` key/value heads, a gated MLP."""
-
-    d_model: int
-    d_ff: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int = 32000
-
-    def __post_init__(self):
-        for name in ("d_model", "d_ff", "layers", "heads", "kv_heads", "vocab"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
-
-    @property
-    def kv_dim(self) -> int:
-        """Channels of K (or of V) per token: kv_heads * head_dim."""
-        return self.kv_heads * self.head_dim
-
-    def params(self) -> int:
-        """Parameter count: attention (q, k, v, o), gated MLP, two norms per layer, untied embeddings."""
-        d = self.d_model
-        layer = 2 * d * d + 2 * d * self.kv_dim + 3 * d * self.d_ff + 2 * d
-        return self.layers * layer + 2 * self.vocab * d + d
 
 
 @dataclass(frozen=True)
@@ -82,12 +47,8 @@ class Hardware:
     memory: float | None = None  # bytes of device memory
 
 
-# The paper's Llama shapes (d_model, d_ff, layers, heads); kv_heads = heads.
-MODELS = {
-    "1b": ModelShape(2048, 5504, 22, 16, 16),
-    "3b": ModelShape(3200, 8640, 26, 32, 32),
-    "7b": ModelShape(4096, 11008, 32, 32, 32),
-}
+# The paper's Llama shapes (d_model, d_ff, layers, heads; kv_heads = heads): the model presets themselves.
+MODELS = {name: PRESETS[name] for name in ("1b", "3b", "7b")}
 
 # Peak bf16 dense FLOP/s and one direction of one link. Latencies are rough per-message costs.
 # A100's attention matmuls ran in TF32 in the paper, at half the bf16 rate: attention_cost_factor 2.
@@ -256,7 +217,7 @@ class Memory:
 
 @dataclass(frozen=True)
 class Plan:
-    model: ModelShape
+    model: LlamaConfig
     hardware: Hardware
     seq_len: int
     sp_degree: int
@@ -276,24 +237,24 @@ def _smallest_hiding_block(work_per_c2: float, bytes_per_c: float, hw: Hardware)
     return math.ceil((b + math.sqrt(b * b + 4 * a * lat)) / (2 * a))
 
 
-def _memory(m: ModelShape, c: int, batch: int, nbytes: int) -> Memory:
+def _memory(m: LlamaConfig, c: int, batch: int, nbytes: int) -> Memory:
     tokens = batch * c
-    per_layer = tokens * ((6 * m.d_model + 2 * m.kv_dim + 3 * m.d_ff) * nbytes + 4 * m.heads)
+    per_layer = tokens * ((6 * m.d_model + 2 * m.kv_dim + 3 * m.d_ff) * nbytes + 4 * m.n_heads)
     kv_block = 2 * tokens * m.kv_dim
     ring = max(
-        2 * kv_block * nbytes + tokens * (m.d_model + m.heads) * 4,  # forward: K/V in hand + arriving, out/lse
+        2 * kv_block * nbytes + tokens * (m.d_model + m.n_heads) * 4,  # forward: K/V in hand + arriving, out/lse
         2 * kv_block * nbytes + 2 * kv_block * GRAD_BYTES + tokens * m.d_model * 4,  # backward: + dK/dV, dQ
     )
     return Memory(
-        model_state=m.params() * ADAM_BYTES_PER_PARAM,
-        activations=m.layers * per_layer,
-        activations_checkpointed=m.layers * tokens * m.d_model * nbytes + per_layer,
-        logits=tokens * m.vocab * 4,
+        model_state=m.num_params() * ADAM_BYTES_PER_PARAM,
+        activations=m.n_layers * per_layer,
+        activations_checkpointed=m.n_layers * tokens * m.d_model * nbytes + per_layer,
+        logits=tokens * m.vocab_size * 4,
         ring_buffers=ring,
     )
 
 
-def plan(model: ModelShape, hardware: Hardware, *, seq_len: int, sp_degree: int, batch: int = 1,
+def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int, batch: int = 1,
          dtype: str = "bfloat16", layouts: tuple[str, ...] = tuple(LAYOUTS)) -> Plan:
     """Predict every layout's ring for ``model`` on ``sp_degree`` devices of ``hardware`` (see module doc)."""
     if dtype not in DTYPE_BYTES:
@@ -306,7 +267,7 @@ def plan(model: ModelShape, hardware: Hardware, *, seq_len: int, sp_degree: int,
         get_layout(name).check(seq_len, sp_degree)
     nbytes, n = DTYPE_BYTES[dtype], sp_degree
     c = seq_len // n
-    pair_flops = 4 * model.head_dim * model.heads * batch * hardware.attention_cost_factor  # one pair, forward
+    pair_flops = 4 * model.head_dim * model.n_heads * batch * hardware.attention_cost_factor  # one pair, forward
     kv_bytes_per_token = 2 * model.kv_dim * batch * nbytes
     grad_bytes_per_token = 2 * model.kv_dim * batch * GRAD_BYTES
     steps = []
@@ -396,13 +357,13 @@ def _override(preset, **fields):
     return type(preset)(**{**asdict(preset), **chosen})
 
 
-def model_and_hardware(args) -> tuple[ModelShape, Hardware]:
+def model_and_hardware(args) -> tuple[LlamaConfig, Hardware]:
     """The preset model and hardware with the command line's overrides applied (units converted to SI)."""
     preset = MODELS[args.model]
-    heads = args.heads or preset.heads
-    kv_heads = args.kv_heads or (heads if args.heads else preset.kv_heads)
-    model = _override(preset, d_model=args.d_model, d_ff=args.d_ff, layers=args.layers, heads=heads,
-                      kv_heads=kv_heads, vocab=args.vocab)
+    heads = args.heads or preset.n_heads
+    kv_heads = args.kv_heads or (heads if args.heads else preset.n_kv_heads)
+    model = _override(preset, d_model=args.d_model, d_ff=args.d_ff, n_layers=args.layers, n_heads=heads,
+                      n_kv_heads=kv_heads, vocab_size=args.vocab)
     hw = HARDWARE[args.hardware]
     overrides = (args.flops, args.bandwidth, args.latency, args.attention_cost_factor, args.memory)
     custom = any(x is not None for x in overrides)
@@ -430,8 +391,8 @@ def format_plan(p: Plan) -> str:
     """The human-readable report: setting, per-layout step table, memory, speedups."""
     m, hw, c = p.model, p.hardware, p.local_len
     lines = [
-        f"model: d_model {m.d_model}, d_ff {m.d_ff}, {m.layers} layers, {m.heads} heads / {m.kv_heads} kv heads "
-        f"({m.params() / 1e9:.2f} B parameters)",
+        f"model: d_model {m.d_model}, d_ff {m.d_ff}, {m.n_layers} layers, {m.n_heads} heads / {m.n_kv_heads} kv heads "
+        f"({m.num_params() / 1e9:.2f} B parameters)",
         f"sequence: {p.seq_len:,} tokens x {p.batch} over {p.sp_degree} devices ({c:,} tokens each), {p.dtype}",
         f"hardware: {hw.name}: {hw.flops / 1e12:g} TFLOP/s, {hw.bandwidth / 1e9:g} GB/s, "
         f"{hw.latency * 1e6:g} us latency, attention cost factor {hw.attention_cost_factor:g}",

@@ -189,12 +189,14 @@ class Transfer:
     the simulator plays every rank in one process by handing the engine a ring of its own.
     """
 
-    def __init__(self, requests, received):
+    def __init__(self, requests, received, sent=()):
         self._requests, self._received = requests, received
+        self._sent = sent  # kept alive until the transfer is done
 
     def wait(self) -> tuple[torch.Tensor, ...]:
         for request in self._requests:
             request.wait()
+        self._sent = ()
         return self._received
 
 
@@ -214,10 +216,11 @@ class _Ring:
 
     def shift(self, tensors: tuple[torch.Tensor, ...], tag: int) -> Transfer:
         """Send ``tensors`` to the next rank and receive the previous rank's, without blocking."""
+        tensors = tuple(t.contiguous() for t in tensors)
         received = tuple(torch.empty_like(t) for t in tensors)
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in received]
-        return Transfer(dist.batch_isend_irecv(ops), received)
+        return Transfer(dist.batch_isend_irecv(ops), received, tensors)
 
     def check_consistent(self, q, k, layout, causal, scale) -> None:
         """Raise the same ValueError on every rank if the ranks disagree; once per new signature."""
@@ -295,34 +298,48 @@ def ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: 
     forward's final out and lse. dK/dV ride the ring one step behind their K/V block."""
     c = q.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv, grads_in_flight, clock = (k, v), None, _StepClock("backward", q.device)
+    dq, kv, grads_in_flight, clock = None, (k, v), None, _StepClock("backward", q.device)
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
-        dk = torch.zeros(kv[0].shape, dtype=acc, device=q.device)
-        dv = torch.zeros(kv[1].shape, dtype=acc, device=q.device)
+        dk = dv = None
         for blk in layout.blocks(ring.rank, source, c, ring.size, causal):
             dq_b, dk_b, dv_b = kernels.attention_backward(
                 dout[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k], out[:, :, blk.q],
                 lse[:, :, blk.q], causal=blk.causal, scale=scale, backend=backend,
             )
-            dq[:, :, blk.q] += dq_b
-            dk[:, :, blk.k] += dk_b
-            dv[:, :, blk.k] += dv_b
+            dq = _add_rows(dq, dq_b, blk.q, c, acc)
+            dk = _add_rows(dk, dk_b, blk.k, c, acc)
+            dv = _add_rows(dv, dv_b, blk.k, c, acc)
         clock.computed()
         if grads_in_flight is not None:  # what the ranks before us added for this same K/V block
             dk_prev, dv_prev = grads_in_flight.wait()
-            dk += dk_prev
-            dv += dv_prev
+            dk = dk_prev if dk is None else dk_prev.add_(dk)
+            dv = dv_prev if dv is None else dv_prev.add_(dv)
+        elif dk is None:
+            dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in kv)
         if ring.size > 1:  # after the last step this sends each block's gradient home
             grads_in_flight = ring.shift((dk, dv), GRAD_TAG)
+            dk = dv = None  # the transfer holds what it sends; free the rest now
         if incoming is not None:
             kv = incoming.wait()
         clock.waited(step, source)
     if grads_in_flight is not None:
         dk, dv = grads_in_flight.wait()
+    if dq is None:
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _add_rows(total, part, rows: slice, length: int, acc):
+    """total[:, :, rows] += part in dtype acc; a missing total starts as part itself when part spans all
+    ``length`` rows (a fresh kernel output, so no zero-filled buffer), else as zeros."""
+    if total is None:
+        if rows == slice(0, length):
+            return part.to(acc)
+        total = torch.zeros(part.shape[:2] + (length,) + part.shape[3:], dtype=acc, device=part.device)
+    total[:, :, rows] += part
+    return total
 
 
 class _RingAttention(torch.autograd.Function):

@@ -57,9 +57,14 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_dim(self) -> int:
+        """Channels of K (or of V) per token: n_kv_heads * head_dim."""
+        return self.n_kv_heads * self.head_dim
+
     def num_params(self) -> int:
         """Number of parameters (embedding and output head untied)."""
-        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        d, kv = self.d_model, self.kv_dim
         layer = 2 * d * d + 2 * d * kv + 3 * d * self.d_ff + 2 * d  # attention, MLP, two norms
         return self.n_layers * layer + 2 * self.vocab_size * d + d
 
@@ -69,7 +74,7 @@ class LlamaConfig:
         dense: 6 x the parameters used in matmuls (forward 2, backward 4). attention: the score and value
         matmuls, 4 * seq_len * d_model per layer forward (half when causal), backward 2.5x forward.
         """
-        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        d, kv = self.d_model, self.kv_dim
         matmul_params = self.n_layers * (2 * d * d + 2 * d * kv + 3 * d * self.d_ff) + d * self.vocab_size
         attention_forward = self.n_layers * 4 * seq_len * d * (0.5 if causal else 1.0)
         return {"dense": 6.0 * matmul_params, "attention": 3.5 * attention_forward}

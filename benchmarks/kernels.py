@@ -1,0 +1,64 @@
+"""What one ring step costs on this machine's kernel: each piece a layout asks for, relative to a full block.
+
+    python benchmarks/kernels.py                  # 2,048 / 4,096 / 8,192 tokens per rank, 8 heads, head_dim 64
+
+Pieces: striped's causal triangle (s <= r) and its shifted, strictly causal one (s > r), zigzag's two dense
+half blocks (s < r: all queries x first half of the keys; s > r: second half of the queries x all keys).
+A perfect kernel would give 0.5 for all four. One thread, fp32, median of repeats, pieces interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from striped_attention import kernels
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192], help="tokens per rank (block size)")
+    p.add_argument("--heads", type=int, default=8, help="heads")
+    p.add_argument("--head-dim", type=int, default=64, help="channels per head")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print("| tokens per rank | pass | full block ms | striped s<=r | striped s>r | zigzag s<r | zigzag s>r |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for c in args.tokens:
+        q, k, v, dout = (torch.randn(1, args.heads, c, args.head_dim) for _ in range(4))
+        h, scale = c // 2, kernels.default_scale(args.head_dim)
+        out, lse = kernels.attention_forward(q, k, v, causal=True, scale=scale)
+        pieces = {  # (query rows, key rows, causal)
+            "full": (slice(0, c), slice(0, c), False),
+            "striped s<=r": (slice(0, c), slice(0, c), True),
+            "striped s>r": (slice(1, c), slice(0, c - 1), True),
+            "zigzag s<r": (slice(0, c), slice(0, h), False),
+            "zigzag s>r": (slice(h, c), slice(0, c), False),
+        }
+
+        def forward(qs, ks, causal):
+            kernels.attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale)
+
+        def backward(qs, ks, causal):
+            kernels.attention_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                       lse[:, :, qs], causal=causal, scale=scale)
+
+        for name, fn in (("fwd", forward), ("bwd", backward)):
+            times = {piece: [] for piece in pieces}
+            for rep in range(args.repeats + 1):
+                for piece, spec in pieces.items():
+                    start = time.perf_counter()
+                    fn(*spec)
+                    if rep:
+                        times[piece].append(time.perf_counter() - start)
+            ms = {piece: statistics.median(t) * 1e3 for piece, t in times.items()}
+            ratios = " | ".join(f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:])
+            print(f"| {c} | {name} | {ms['full']:.0f} | {ratios} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
