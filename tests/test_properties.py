@@ -216,7 +216,7 @@ def test_ranks_match_float64(world, case):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Memory per rank grows like S/N (benchmarks/memory.py measures it; see docs/reliability.md)
+# Memory per rank grows like S/N (benchmarks/memory.py measures it; see the README)
 # ----------------------------------------------------------------------------------------------------------
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")

@@ -505,7 +505,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = p.add_argument
-    add("--model", default=d.model, choices=list(PRESETS), help="model preset (see docs/train.md)")
+    add("--model", default=d.model, choices=list(PRESETS), help="model preset (see the README's Models table)")
     add("--seq-len", type=int, default=d.seq_len, help="tokens (bytes) per sequence")
     add("--batch", type=int, default=d.batch, help="sequences per step, over all data-parallel replicas")
     add("--world-size", type=int, default=d.world_size, help="number of local ranks (processes) = dp x cp")
