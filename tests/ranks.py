@@ -42,6 +42,15 @@ def reference(q, k, v, dout, causal, scale):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+def error_of(fn):
+    """The ValueError message fn() raises, or None."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ranks import cached, full_inputs, reference, relative_error, run_ranks, sharded_run
+from ranks import cached, error_of, full_inputs, reference, relative_error, run_ranks, sharded_run
 from striped_attention import LAYOUTS, positions, ring_attention, shard, unshard
 
 
@@ -110,13 +110,6 @@ def run_checks():
     report["extreme-error"] = max(relative_error(g, w) for g, w in zip(got, want))
 
     # bad input: every rank gets the ValueError, and the ring still works afterwards
-    def error_of(fn):
-        try:
-            fn()
-        except ValueError as e:
-            return str(e)
-        return None
-
     t = lambda *shape, dtype=torch.float32: torch.randn(*shape, dtype=dtype)  # noqa: E731
     c = 8
     bad = {

@@ -20,7 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ranks import cached, relative_error, run_ranks  # noqa: E402
+from ranks import cached, error_of, relative_error, run_ranks  # noqa: E402
 from striped_attention import LAYOUTS, unshard  # noqa: E402
 from striped_attention.integrations.transformers import prepare, shard_inputs  # noqa: E402
 
@@ -82,15 +82,6 @@ def compare(family: str, layout: str, **call) -> dict[str, float]:
         "loss": abs(mean_over_ranks(got.loss).item() / want.loss.item() - 1),
         "grad": max(grads),
     }
-
-
-def error_of(fn):
-    """The ValueError message fn raises, or None."""
-    try:
-        fn()
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def bad_calls(rank: int) -> dict:
