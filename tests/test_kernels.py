@@ -74,3 +74,24 @@ def test_unknown_backend():
     q, k, v = _inputs(torch.float32)
     with pytest.raises(ValueError, match="unknown kernel backend"):
         kernels.attention_forward(q, k, v, causal=True, scale=1.0, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "pair, dtype",
+    [("flash", torch.bfloat16), ("flash", torch.float16), ("efficient", torch.bfloat16), ("efficient", torch.float32)],
+)
+def test_cuda_kernel_calls_fit_torch_op_schemas(pair, dtype):
+    """No GPU here: the CUDA paths run on meta tensors through torch's shape functions for those ops, which
+    checks argument order, the lse shape (the efficient kernel pads it), GQA folding and dtypes."""
+    forward, backward = {
+        "flash": (kernels._cuda_flash_forward, kernels._cuda_flash_backward),
+        "efficient": (kernels._cuda_efficient_forward, kernels._cuda_efficient_backward),
+    }[pair]
+    q = torch.empty(2, 4, 37, 64, device="meta", dtype=dtype)
+    k = torch.empty(2, 2, 37, 64, device="meta", dtype=dtype)
+    qs, ks = q[:, :, 1:], k[:, :, :-1]  # striped's shifted block
+    out, lse = forward(qs, ks, ks, True, 0.1)
+    assert out.shape == qs.shape and out.dtype == dtype
+    assert lse.shape == qs.shape[:3] and lse.dtype == torch.float32
+    dq, dk, dv = backward(out, qs, ks, ks, out, lse, True, 0.1)
+    assert dq.shape == qs.shape and dk.shape == ks.shape and dv.shape == ks.shape

@@ -95,19 +95,28 @@ def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
     )
 
 
+def _contiguous(*tensors):
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _cuda_rng_placeholders(device):
     """Philox seed and offset for the backward ops; unused without dropout."""
     zero = torch.zeros((), dtype=torch.int64, device=device)
     return zero, zero
 
 
+# The CUDA ops get contiguous operands (a block's row slices are views); this path has not run on a GPU here.
+
+
 def _cuda_flash_forward(q, k, v, causal, scale):
+    q, k, v = _contiguous(q, k, v)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     out, lse, *_ = aten._scaled_dot_product_flash_attention(q, ke, ve, 0.0, causal, False, scale=scale)
     return out, lse
 
 
 def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     empty = torch.empty(0, dtype=torch.int32, device=q.device)
     seed, offset = _cuda_rng_placeholders(q.device)
@@ -118,12 +127,14 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 def _cuda_efficient_forward(q, k, v, causal, scale):
+    q, k, v = _contiguous(q, k, v)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, ke, ve, None, True, 0.0, causal, scale=scale)
     return out, lse[..., : q.shape[2]]  # the kernel pads lse's length to a multiple of 32
 
 
 def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     seed, offset = _cuda_rng_placeholders(q.device)
     lse = torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32))  # the kernel's own lse is padded to 32
