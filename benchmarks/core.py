@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     )
     print(f"{cfg.world_size} ranks x 1 thread, {cfg.seq_len} tokens, {cfg.heads} heads, head_dim {cfg.head_dim}, "
           f"{cfg.dtype}, causal; median of {cfg.repeats} (1 warm-up), all variants interleaved", file=sys.stderr)
-    results = run(cfg)
+    results = run(cfg, progress=True)
     ms = {(r.layout, r.pass_): r.time_ms for r in results}
     print(f"| pass | layout | median ms | vs contiguous | vs zigzag | scaling efficiency |")
     print(f"|---|---|---:|---:|---:|---:|")

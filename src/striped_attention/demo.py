@@ -38,7 +38,7 @@ def main(args) -> int:
         f"median of {cfg.repeats} after 1 warm-up ...",
         flush=True,
     )
-    results = run(cfg)
+    results = run(cfg, progress=True)
     print(summary_table(results))
     return 0
 
