@@ -273,24 +273,30 @@ def ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: floa
             out_b, lse_b = kernels.attention_forward(
                 q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k], causal=blk.causal, scale=scale, backend=backend
             )
-            if out is None and blk.q == slice(0, c):  # the first block to see every query starts the sums
-                out, lse = out_b.to(acc), lse_b.to(acc)
-                continue
-            if out is None:
-                out, lse = _no_keys_seen(q, acc)
-            kernels.merge_(out[:, :, blk.q], lse[:, :, blk.q], out_b, lse_b)
+            out, lse = _merge_rows(out, lse, out_b, lse_b, blk.q, c, acc)
         clock.computed()
         if incoming is not None:
             kv = incoming.wait()
         clock.waited(step, source)
     if out is None:
-        out, lse = _no_keys_seen(q, acc)
+        out, lse = _no_keys_seen(q.shape, acc, q.device)
     return out.to(q.dtype), lse
 
 
-def _no_keys_seen(q, acc):
-    """Accumulators before any block: out = 0, lse = -inf (what a query that sees nothing keeps)."""
-    return q.new_zeros(q.shape, dtype=acc), q.new_full(q.shape[:3], float("-inf"), dtype=acc)
+def _no_keys_seen(shape, acc, device):
+    """Sums before any block, for out of ``shape`` (b, h, c, d): out = 0 and lse = -inf (b, h, c)."""
+    return torch.zeros(shape, dtype=acc, device=device), torch.full(shape[:3], float("-inf"), dtype=acc, device=device)
+
+
+def _merge_rows(out, lse, out_b, lse_b, rows: slice, length: int, acc):
+    """Fold one block's (out_b, lse_b) for query ``rows`` into the sums (out, lse) and return them; missing
+    sums start as the block itself when it spans all ``length`` queries (no merge), else as no keys seen."""
+    if out is None:
+        if rows == slice(0, length):
+            return out_b.to(acc), lse_b.to(acc)
+        out, lse = _no_keys_seen(out_b.shape[:2] + (length,) + out_b.shape[3:], acc, out_b.device)
+    kernels.merge_(out[:, :, rows], lse[:, :, rows], out_b, lse_b)
+    return out, lse
 
 
 def ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
