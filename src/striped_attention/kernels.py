@@ -172,8 +172,7 @@ def _select(q: torch.Tensor, backend: str):
 def attention_forward(q, k, v, *, causal: bool, scale: float, backend: str = "auto"):
     """(out, lse) of one block: out like q, lse (batch, heads, q_len) float32."""
     forward, _ = _select(q, backend)
-    out, lse = forward(q, k, v, causal, scale)
-    return out, lse
+    return forward(q, k, v, causal, scale)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str = "auto"):
