@@ -5,6 +5,7 @@
 Pieces: striped's causal triangle (s <= r) and its shifted, strictly causal one (s > r), zigzag's two dense
 half blocks (s < r: all queries x first half of the keys; s > r: second half of the queries x all keys).
 A perfect kernel would give 0.5 for all four. One thread, fp32, median of repeats, pieces interleaved.
+Kernels: "torch" is torch's CPU flash kernel, "own" this package's compiled one (backend "auto" for fp32).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 
 from striped_attention import kernels
 
+KERNELS = {"torch": "torch", "own": "auto"}  # table name -> kernels backend
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,14 +27,18 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=8, help="heads")
     p.add_argument("--head-dim", type=int, default=64, help="channels per head")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    p.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS), help="kernels to time")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print("| tokens per rank | pass | full block ms | striped s<=r | striped s>r | zigzag s<r | zigzag s>r |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for c in args.tokens:
+    if "own" in args.kernels and kernels.cpu_extension() is None:
+        raise SystemExit("the compiled CPU kernel is unavailable here (see the warning above)")
+    print("| tokens per rank | kernel | pass | full block ms | striped s<=r | striped s>r | zigzag s<r | zigzag s>r |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    for c, kernel in ((c, kernel) for c in args.tokens for kernel in args.kernels):
+        backend = KERNELS[kernel]
         q, k, v, dout = (torch.randn(1, args.heads, c, args.head_dim) for _ in range(4))
         h, scale = c // 2, kernels.default_scale(args.head_dim)
-        out, lse = kernels.attention_forward(q, k, v, causal=True, scale=scale)
+        out, lse = kernels.attention_forward(q, k, v, causal=True, scale=scale, backend=backend)
         pieces = {  # (query rows, key rows, causal)
             "full": (slice(0, c), slice(0, c), False),
             "striped s<=r": (slice(0, c), slice(0, c), True),
@@ -41,11 +48,12 @@ def main(argv=None) -> None:
         }
 
         def forward(qs, ks, causal):
-            kernels.attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale)
+            kernels.attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale,
+                                      backend=backend)
 
         def backward(qs, ks, causal):
             kernels.attention_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
-                                       lse[:, :, qs], causal=causal, scale=scale)
+                                       lse[:, :, qs], causal=causal, scale=scale, backend=backend)
 
         for name, fn in (("fwd", forward), ("bwd", backward)):
             times = {piece: [] for piece in pieces}
@@ -57,7 +65,7 @@ def main(argv=None) -> None:
                         times[piece].append(time.perf_counter() - start)
             ms = {piece: statistics.median(t) * 1e3 for piece, t in times.items()}
             ratios = " | ".join(f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:])
-            print(f"| {c} | {name} | {ms['full']:.0f} | {ratios} |", flush=True)
+            print(f"| {c} | {kernel} | {name} | {ms['full']:.0f} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,24 +12,51 @@ def _inputs(dtype, heads=4, kv_heads=2, q_len=37, k_len=37, d=24, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("shape", [(4, 2, 37, 37), (4, 1, 20, 33), (2, 2, 300, 300)])
-def test_fused_cpu_kernel_matches_reference(dtype, tol, causal, shape):
-    heads, kv_heads, q_len, k_len = shape
-    q, k, v = _inputs(dtype, heads, kv_heads, q_len, k_len)
-    scale = 0.3
-    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale)
+def _assert_matches_reference(q, k, v, causal, scale, tol, backend):
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale, backend=backend)
     out_r, lse_r = kernels.reference_forward(q, k, v, causal=causal, scale=scale)
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     assert (out.double() - out_r.double()).norm() / out_r.double().norm() < tol
     assert (lse.double() - lse_r.double()).abs().max() < tol * 10
-    dout = torch.randn_like(out)
-    fused = kernels.attention_backward(dout, q, k, v, out_r, lse_r, causal=causal, scale=scale)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
+    fused = kernels.attention_backward(dout, q, k, v, out_r, lse_r, causal=causal, scale=scale, backend=backend)
     ref = kernels.reference_backward(dout, q, k, v, out_r, lse_r, causal=causal, scale=scale)
     for a, b in zip(fused, ref):
         assert a.shape == b.shape
         assert (a.double() - b.double()).norm() / b.double().norm() < tol
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(4, 2, 37, 37), (4, 1, 20, 33), (2, 2, 300, 300)])
+def test_fused_cpu_kernel_matches_reference(dtype, tol, causal, shape, backend):
+    heads, kv_heads, q_len, k_len = shape
+    _assert_matches_reference(*_inputs(dtype, heads, kv_heads, q_len, k_len), causal, 0.3, tol, backend)
+
+
+def test_compiled_cpu_kernel_is_built_and_chosen_for_float32():
+    assert kernels.cpu_extension() is not None, "the float32 CPU kernel did not build (see the warning)"
+    q, k, v = _inputs(torch.float32)
+    assert kernels._select(q, "auto") == (kernels._own_cpu_forward, kernels._own_cpu_backward)
+    assert kernels._select(q, "torch") == (kernels._cpu_forward, kernels._cpu_backward)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "heads, kv_heads, q_len, k_len, d",
+    [(2, 1, 1100, 1100, 24),  # tiles of 256 queries x 512 keys, cut by the diagonal and by the ends
+     (3, 3, 70, 700, 40),  # more keys than queries (causal: top-left aligned)
+     (2, 2, 640, 130, 64)],  # more queries than keys
+)
+def test_compiled_cpu_kernel_across_tiles_and_on_strided_views(heads, kv_heads, q_len, k_len, d, causal):
+    q, k, v = _inputs(torch.float32, heads, kv_heads, q_len, k_len, d)
+    if causal and q_len > k_len:
+        q = q[:, :, :k_len]
+    _assert_matches_reference(q, k, v, causal, 0.2, 1e-5, "auto")
+    # the ring passes row slices of larger tensors: strided views, computed in place
+    rows = slice(1, None, 2)
+    _assert_matches_reference(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal, 0.2, 1e-5, "auto")
 
 
 def test_reference_matches_sdpa_in_float64():
@@ -72,7 +99,7 @@ def test_extreme_logits_stay_finite(dtype):
 
 def test_unknown_backend():
     q, k, v = _inputs(torch.float32)
-    with pytest.raises(ValueError, match="unknown kernel backend"):
+    with pytest.raises(ValueError, match="unknown kernel backend 'triton'; choose one of auto, torch, reference"):
         kernels.attention_forward(q, k, v, causal=True, scale=1.0, backend="triton")
 
 

@@ -43,6 +43,7 @@ class BenchConfig:
     check: bool = False  # compare every layout with single-process attention
     device: str = "cpu"
     seed: int = 0
+    head_groups: int | None = None  # ring_attention's head_groups; None is its default
 
 
 @dataclass
@@ -107,10 +108,10 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
         ql, kl, vl, dl = local[name]
         if backward:
             ql, kl, vl = (t.detach().requires_grad_() for t in (ql, kl, vl))
-            ring_attention(ql, kl, vl, layout=name, causal=cfg.causal).backward(dl)
+            ring_attention(ql, kl, vl, layout=name, causal=cfg.causal, head_groups=cfg.head_groups).backward(dl)
             return ql.grad, kl.grad, vl.grad
         with torch.no_grad():
-            return ring_attention(ql, kl, vl, layout=name, causal=cfg.causal)
+            return ring_attention(ql, kl, vl, layout=name, causal=cfg.causal, head_groups=cfg.head_groups)
 
     def baseline(backward):
         if rank != 0:  # the others idle at the barrier: one rank's resources, as the definition asks
@@ -150,15 +151,20 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
 
 
 def _median_steps(repeats: list[list]) -> list[dict]:
-    """Per (pass, step): median compute and wait ms over the repeats."""
+    """Per (pass, step): compute and wait ms summed over the head groups of a repeat, median over repeats."""
     by_key: dict[tuple, list] = {}
     for recorded in repeats:
+        sums: dict[tuple, list] = {}
         for s in recorded:
-            by_key.setdefault((s.pass_, s.step, s.source), []).append(s)
+            total = sums.setdefault((s.pass_, s.step, s.source), [0.0, 0.0])
+            total[0] += s.compute_s
+            total[1] += s.wait_s
+        for key, total in sums.items():
+            by_key.setdefault(key, []).append(total)
     return [
         {"pass": p, "step": st, "source": src,
-         "compute_ms": statistics.median(x.compute_s for x in xs) * 1e3,
-         "wait_ms": statistics.median(x.wait_s for x in xs) * 1e3}
+         "compute_ms": statistics.median(x[0] for x in xs) * 1e3,
+         "wait_ms": statistics.median(x[1] for x in xs) * 1e3}
         for (p, st, src), xs in sorted(by_key.items(), key=lambda kv: (kv[0][0] != "forward", kv[0][1]))
     ]
 
@@ -375,6 +381,10 @@ def add_parser(subparsers) -> None:
                    help="local ranks (processes): gloo on CPU with one thread each, or NCCL with one GPU each "
                         "for --device cuda (default: %(default)s)")
     add_workload_arguments(p, defaults)
+    p.add_argument("--head-groups", metavar="N", type=int,
+                   help="run the ring once per group of N near-equal kv-head groups, one after the other: less "
+                        "K/V in flight, and each group's dK/dV travel home while the next computes (default: "
+                        "min(kv heads, 4) on several ranks)")
     p.add_argument("--baseline", action="store_true",
                    help="also time one rank running torch SDPA on the whole sequence, and report scaling "
                         "efficiency = T(1 rank) / (N x T(N ranks))")
@@ -391,7 +401,9 @@ def main(args) -> int:
         if args.world_size < 1:
             raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
         cfg = BenchConfig(world_size=args.world_size, baseline=args.baseline, check=args.check,
-                          **workload_fields(args))
+                          head_groups=args.head_groups, **workload_fields(args))
+        if cfg.head_groups is not None and not 1 <= cfg.head_groups <= cfg.kv_heads:
+            raise ValueError(f"--head-groups must be from 1 to the kv heads ({cfg.kv_heads}), got {cfg.head_groups}")
         for name in cfg.layouts * (not under_torchrun()):  # under torchrun the ranks check their own world
             LAYOUTS[name].check(cfg.seq_len, cfg.world_size)
     except ValueError as e:

@@ -13,12 +13,15 @@ with those, the gradient of each block is exact and local (no second forward pas
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import torch
 
 __all__ = ["attention_forward", "attention_backward", "reference_forward", "reference_backward", "merge_"]
 
 aten = torch.ops.aten
+BACKENDS = ("auto", "torch", "reference")  # "torch": only torch's own fused kernels (no compiled CPU kernel)
 
 
 def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,52 @@ def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
     )
 
 
+# float32 on CPU: this package's own flash kernel (csrc/flash_cpu.cpp), compiled for this machine on first
+# use. It tiles like torch's, but computes a tile that crosses the causal diagonal in slices of 64 queries,
+# so a causal block costs ~0.5 of a full one instead of ~0.5 + 256/len (what striped pays at every step).
+
+
+_CSRC = Path(__file__).parent / "csrc" / "flash_cpu.cpp"
+_VEC_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_extension: list = []  # [module or None], once loaded or failed
+
+
+def cpu_extension():
+    """The compiled float32 CPU kernel module, building it on first use (about 30 s, cached by torch under
+    $TORCH_EXTENSIONS_DIR); None, with one warning, where it cannot be built (no C++ compiler, no ninja)."""
+    if not _extension:
+        capability = torch.backends.cpu.get_cpu_capability()
+        vec = capability if capability in _VEC_FLAGS else "DEFAULT"
+        name = f"striped_attention_flash_cpu_{vec}_torch{torch.__version__}".replace(".", "_").replace("+", "_")
+        flags = ["-O3", *_VEC_FLAGS.get(vec, []), f"-DCPU_CAPABILITY={vec}"]
+        flags += [f"-DCPU_CAPABILITY_{vec}"] if vec != "DEFAULT" else []
+        try:
+            from torch.utils.cpp_extension import load
+
+            _extension.append(load(name, [str(_CSRC)], extra_cflags=flags))
+        except Exception as e:  # noqa: BLE001 - any build failure means: use torch's kernel instead
+            warnings.warn(f"striped_attention: could not build the CPU flash kernel ({type(e).__name__}: {e}); "
+                          "using torch's CPU flash kernel instead", RuntimeWarning, stacklevel=2)
+            _extension.append(None)
+    return _extension[0]
+
+
+def _own_cpu_forward(q, k, v, causal, scale):
+    return cpu_extension().forward(*_unit_stride(q, k, v), causal, scale)
+
+
+def _own_cpu_backward(dout, q, k, v, out, lse, causal, scale):
+    return cpu_extension().backward(*_unit_stride(dout, q, k, v, out), lse, causal, scale)
+
+
+def _unit_stride(*tensors):
+    """The kernel reads rows with any stride, but each row (head_dim) must be contiguous."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def _contiguous(*tensors):
     return tuple(t.contiguous() for t in tensors)
 
@@ -157,9 +206,11 @@ def _select(q: torch.Tensor, backend: str):
     """The (forward, backward) pair for q's device and dtype."""
     if backend == "reference":
         return _reference_forward, _reference_backward
-    if backend != "auto":
-        raise ValueError(f"unknown kernel backend {backend!r}; choose 'auto' or 'reference'")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if q.device.type == "cpu":
+        if q.dtype == torch.float32 and backend != "torch" and cpu_extension() is not None:
+            return _own_cpu_forward, _own_cpu_backward
         return _cpu_forward, _cpu_backward
     if q.device.type == "cuda":
         if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
@@ -201,3 +252,8 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
     weight = torch.sigmoid(lse_b - lse).unsqueeze(-1).to(out.dtype)
     out.lerp_(out_b.to(out.dtype), weight)
     lse.copy_(torch.logaddexp(lse, lse_b))
+
+
+if __name__ == "__main__":  # `python -m striped_attention.kernels`: build the CPU kernel now (make does)
+    module = cpu_extension()
+    print(f"float32 CPU flash kernel: {'built, ' + module.__file__ if module else 'unavailable; torch kernels in use'}")

@@ -38,6 +38,7 @@ def ring_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    head_groups: int | None = None,
 ) -> torch.Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -51,8 +52,12 @@ def ring_attention(
             torch.distributed is not initialized.
         causal: causal masking over the *global* positions; False attends to the whole sequence.
         softmax_scale: scale of the scores; defaults to 1/sqrt(head_dim).
-        backend: ``"auto"`` (torch's fused kernels for the device, else the reference) or ``"reference"``
-            (pure PyTorch; any device and dtype).
+        backend: ``"auto"`` (fused kernels: this package's compiled kernel for float32 on CPU, torch's
+            otherwise; the reference where none fits), ``"torch"`` (torch's fused kernels only) or
+            ``"reference"`` (pure PyTorch; any device and dtype).
+        head_groups: run the ring once per group of kv heads (and their query heads), one group after the
+            other: 1/head_groups of the K/V and dK/dV blocks are in flight at a time, and each group's dK/dV
+            travel home while the next group computes. None: min(kv_heads, 4) on a ring of several ranks.
 
     Returns:
         (batch, heads, local_seq, head_dim) with q's dtype: this rank's output, differentiable in q, k, v.
@@ -65,8 +70,20 @@ def ring_attention(
     ring = _Ring(group)
     lay.check(q.shape[2] * ring.size, ring.size)
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    ring.check_consistent(q, k, lay, causal, scale)
-    return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend)
+    groups = _head_groups(head_groups, k.shape[1], ring.size)
+    ring.check_consistent(q, k, lay, causal, scale, groups)
+    return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend, groups)
+
+
+DEFAULT_HEAD_GROUPS = 4
+
+
+def _head_groups(requested: int | None, kv_heads: int, world_size: int) -> int:
+    if requested is None:
+        return min(kv_heads, DEFAULT_HEAD_GROUPS) if world_size > 1 else 1
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= kv_heads:
+        raise ValueError(f"head_groups must be an int from 1 to kv_heads ({kv_heads}), got {requested!r}")
+    return requested
 
 
 def source_rank(rank: int, step: int, world_size: int) -> int:
@@ -162,19 +179,21 @@ def _check_local(q, k, v, backend):
         raise ValueError(f"heads ({h}) must be a multiple of kv_heads ({hk})")
     if n == 0 or d == 0 or b == 0:
         raise ValueError(f"empty input: q has shape {tuple(q.shape)}")
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or 'reference'")
+    if backend not in kernels.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(kernels.BACKENDS)}")
 
 
-_FIELDS = ("batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "layout", "causal", "softmax_scale")
+_FIELDS = (
+    "batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "layout", "causal", "softmax_scale", "head_groups"
+)
 
 
-def _signature(q, k, layout, causal, scale) -> list[int]:
+def _signature(q, k, layout, causal, scale, head_groups) -> list[int]:
     b, h, n, d = q.shape
     dtype = _DTYPES.index(q.dtype)
     name = zlib.crc32(type(layout).__qualname__.encode())
     (scale_bits,) = struct.unpack("<q", struct.pack("<d", scale))
-    return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits]
+    return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits, head_groups]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,11 +241,11 @@ class _Ring:
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in received]
         return Transfer(dist.batch_isend_irecv(ops), received, tensors)
 
-    def check_consistent(self, q, k, layout, causal, scale) -> None:
+    def check_consistent(self, q, k, layout, causal, scale, head_groups) -> None:
         """Raise the same ValueError on every rank if the ranks disagree; once per new signature."""
         if self.size == 1:
             return
-        mine = _signature(q, k, layout, causal, scale)
+        mine = _signature(q, k, layout, causal, scale, head_groups)
         key = (id(self.group), tuple(mine), q.device.type)
         if key in self._validated:
             return
@@ -257,13 +276,39 @@ def _show(field: str, value: int):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
-    """The forward ring loop on contiguous q (b, h, c, d), k and v (b, kv_heads, c, d).
+def head_slices(heads: int, kv_heads: int, groups: int) -> list[tuple[slice, slice]]:
+    """Split the kv heads into ``groups`` near-equal runs: (query-head slice, kv-head slice) per group, each
+    query head with the kv head it shares (GQA). The ring runs once per group, one after the other."""
+    per_kv = heads // kv_heads
+    bounds = [kv_heads * g // groups for g in range(groups + 1)]
+    return [(slice(a * per_kv, b * per_kv), slice(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str, head_groups: int = 1):
+    """The forward ring on q (b, h, c, d), k and v (b, kv_heads, c, d), once per head group.
 
     Returns (out, lse): out (b, h, c, d) in q's dtype, lse (b, h, c) float32 (float64 for float64 input).
     """
-    c = q.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    groups = head_slices(q.shape[1], k.shape[1], head_groups)
+    if len(groups) == 1:
+        out, lse = _forward_ring(q, k, v, layout, ring, causal, scale, backend)
+        return out.to(q.dtype), lse
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=_acc_dtype(q), device=q.device)
+    for heads, kv_heads in groups:
+        out[:, heads], lse[:, heads] = _forward_ring(
+            q[:, heads], k[:, kv_heads], v[:, kv_heads], layout, ring, causal, scale, backend
+        )
+    return out, lse
+
+
+def _acc_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
+    """One pass around the ring: the sums (out, lse), both in the accumulation dtype."""
+    c, acc = q.shape[2], _acc_dtype(q)
     out = lse = None
     kv, clock = (k, v), _StepClock("forward", q.device)
     for step in range(ring.size):
@@ -280,7 +325,7 @@ def ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: floa
         clock.waited(step, source)
     if out is None:
         out, lse = _no_keys_seen(q.shape, acc, q.device)
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 def _no_keys_seen(shape, acc, device):
@@ -299,11 +344,39 @@ def _merge_rows(out, lse, out_b, lse_b, rows: slice, length: int, acc):
     return out, lse
 
 
-def ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
-    """The backward ring loop: (dq, dk, dv) with the dtypes of q, k, v, from the output gradient and the
-    forward's final out and lse. dK/dV ride the ring one step behind their K/V block."""
-    c = q.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+def ring_backward(
+    dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str, head_groups: int = 1
+):
+    """The backward ring, once per head group: (dq, dk, dv) with the dtypes of q, k, v, from the output
+    gradient and the forward's final out and lse. A group's dK/dV travel home while the next group computes."""
+    groups = head_slices(q.shape[1], k.shape[1], head_groups)
+    if len(groups) == 1:
+        dq, going_home = _backward_ring(dout, q, k, v, out, lse, layout, ring, causal, scale, backend)
+        dk, dv = going_home.wait()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    landing = None
+    for heads, kv_heads in groups:
+        dq[:, heads], going_home = _backward_ring(
+            dout[:, heads], q[:, heads], k[:, kv_heads], v[:, kv_heads], out[:, heads], lse[:, heads],
+            layout, ring, causal, scale, backend,
+        )
+        if landing is not None:
+            _land(dk, dv, *landing)
+        landing = kv_heads, going_home
+    _land(dk, dv, *landing)
+    return dq, dk, dv
+
+
+def _land(dk, dv, kv_heads: slice, going_home: Transfer) -> None:
+    """Wait for one head group's dK/dV to reach this rank and store them in its heads of dk, dv."""
+    dk[:, kv_heads], dv[:, kv_heads] = going_home.wait()
+
+
+def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
+    """One pass around the ring: dq in the accumulation dtype, and a Transfer that brings this rank's own
+    dK/dV home (in flight from the previous rank after the last step; already here on a ring of one)."""
+    c, acc = q.shape[2], _acc_dtype(q)
     dq, kv, grads_in_flight, clock = None, (k, v), None, _StepClock("backward", q.device)
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
@@ -330,11 +403,9 @@ def ring_backward(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: 
         if incoming is not None:
             kv = incoming.wait()
         clock.waited(step, source)
-    if grads_in_flight is not None:
-        dk, dv = grads_in_flight.wait()
     if dq is None:
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, grads_in_flight if grads_in_flight is not None else Transfer([], (dk, dv))
 
 
 def _add_rows(total, part, rows: slice, length: int, acc):
@@ -350,15 +421,15 @@ def _add_rows(total, part, rows: slice, length: int, acc):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, ring, causal, scale, backend):
+    def forward(ctx, q, k, v, layout, ring, causal, scale, backend, head_groups):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = ring_forward(q, k, v, layout, ring, causal, scale, backend)
+        out, lse = ring_forward(q, k, v, layout, ring, causal, scale, backend, head_groups)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (layout, ring, causal, scale, backend)
+        ctx.args = (layout, ring, causal, scale, backend, head_groups)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None

@@ -1,0 +1,241 @@
+// Flash attention for CPU, float32, forward and backward, with the log-sum-exp.
+//
+// Shapes: q (B, H, L, D); k, v (B, Hkv, S, D), H % Hkv == 0 (GQA); out like q; lse (B, H, L).
+// Every operand may be strided, with unit stride along D. Causal masking is top-left aligned: query i sees
+// keys 0..i. Every query must see at least one key.
+//
+// Same tiling as torch's CPU flash kernel (256 queries x 512 keys, BLAS for the four products, an online
+// softmax in between), with one difference that matters to ring attention: where a tile crosses the
+// diagonal, it is computed in slices of 64 queries, each over only the keys it can see. torch's kernel
+// computes the whole 256 x 512 tile there, so a causal block costs it about 0.5 + 256 / L of a full block;
+// here it costs about 0.5 + 32 / L, and a striped ring, which computes a causal block at every step, runs
+// at the dense rate.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace {
+
+constexpr int64_t kQueryTile = 256;
+constexpr int64_t kKeyTile = 512;
+constexpr int64_t kDiagonalSlice = 64;  // query rows per slice where a tile crosses the diagonal
+
+using Vec = at::vec::Vectorized<float>;
+
+// Column-major BLAS: c (m x n) = alpha * op(a) * op(b) + beta * c. A row-major (r x s) matrix with leading
+// dimension ld is the column-major (s x r) matrix with the same ld, so row-major products are written
+// transposed below.
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+
+float row_max(const float* row, int64_t len) {
+  Vec acc(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + Vec::size() <= len; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(row + j));
+  if (j < len) {
+    acc = at::vec::maximum(acc, Vec::set(acc, Vec::loadu(row + j, len - j), len - j));
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, acc);
+}
+
+// row[0:len] <- exp(row[0:len] - shift); returns their sum.
+float exp_shifted(float* row, int64_t len, float shift) {
+  const Vec s(shift);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= len; j += Vec::size()) {
+    Vec e = (Vec::loadu(row + j) - s).exp_u20();
+    e.store(row + j);
+    acc = acc + e;
+  }
+  if (j < len) {
+    Vec e = (Vec::loadu(row + j, len - j) - s).exp_u20();
+    e.store(row + j, len - j);
+    acc = acc + Vec::set(Vec(0.f), e, len - j);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+}
+
+// The keys [n, n + kb) of a tile that query m + i sees: all kb, or fewer on the causal diagonal.
+inline int64_t visible(bool causal, int64_t m, int64_t i, int64_t n, int64_t kb) {
+  return causal ? std::clamp<int64_t>(m + i - n + 1, 0, kb) : kb;
+}
+
+struct Strided {  // a (B, H, len, D) operand with unit stride along D
+  const float* data;
+  int64_t b, h, row;
+  explicit Strided(const at::Tensor& t) : data(t.data_ptr<float>()), b(t.stride(0)), h(t.stride(1)), row(t.stride(2)) {}
+  const float* at(int64_t bi, int64_t hi, int64_t r = 0) const { return data + bi * b + hi * h + r * row; }
+};
+
+void check(const at::Tensor& t, const char* name, int64_t dims) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(t.dim() == dims, name, " must be ", dims, "-D");
+  TORCH_CHECK(dims == 3 || t.stride(3) == 1, name, " needs unit stride along head_dim");
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check(q, "q", 4), check(k, "k", 4), check(v, "v", 4);
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3), "q, k, v shapes disagree");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "heads must be a multiple of kv_heads");
+}
+
+}  // namespace
+
+// (out (B, H, L, D), lse (B, H, L)) of softmax(scale * q k^T) v.
+std::vector<at::Tensor> flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                      double scale_) {
+  check_qkv(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
+  const int64_t group = H / k.size(1), tiles = (L + kQueryTile - 1) / kQueryTile;
+  const float scale = static_cast<float>(scale_);
+  auto out = at::empty({B, H, L, D}, q.options());
+  auto lse = at::empty({B, H, L}, q.options());
+  const Strided Q(q), K(k), V(v);
+  float* out_data = out.data_ptr<float>();
+  float* lse_data = lse.data_ptr<float>();
+
+  at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(kQueryTile * kKeyTile), row_max_(kQueryTile), row_sum(kQueryTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
+      const int64_t m = t * kQueryTile, qb = std::min(kQueryTile, L - m);
+      float* o = out_data + (bh * L + m) * D;
+      std::fill(row_max_.begin(), row_max_.begin() + qb, -std::numeric_limits<float>::infinity());
+      std::fill(row_sum.begin(), row_sum.begin() + qb, 0.f);
+      std::fill(o, o + qb * D, 0.f);
+      const int64_t num_keys = causal ? std::min(m + qb, S) : S;
+      for (int64_t n = 0; n < num_keys; n += kKeyTile) {
+        const int64_t kb = std::min(kKeyTile, num_keys - n);
+        const bool crosses = causal && n + kb > m + 1;
+        const int64_t slice = crosses ? kDiagonalSlice : qb;
+        for (int64_t i0 = 0; i0 < qb; i0 += slice) {
+          const int64_t i1 = std::min(qb, i0 + slice), rows = i1 - i0;
+          const int64_t kc = visible(causal, m, i1 - 1, n, kb);  // keys the slice's last row sees
+          if (kc == 0) continue;
+          float* p = scores.data() + i0 * kb;
+          gemm('T', 'N', kc, rows, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m + i0), Q.row, 0.f, p, kb);
+          for (int64_t i = i0; i < i1; ++i) {
+            float* r = p + (i - i0) * kb;
+            const int64_t len = visible(causal, m, i, n, kb);
+            const float new_max = std::max(row_max_[i], len > 0 ? row_max(r, len) : row_max_[i]);
+            std::fill(r + std::max<int64_t>(len, 0), r + kc, 0.f);
+            if (len == 0) continue;
+            const float rescale = std::exp(row_max_[i] - new_max);
+            row_sum[i] = row_sum[i] * rescale + exp_shifted(r, len, new_max);
+            row_max_[i] = new_max;
+            if (rescale != 1.f) {
+              float* oi = o + i * D;
+              for (int64_t d = 0; d < D; ++d) oi[d] *= rescale;
+            }
+          }
+          gemm('N', 'N', D, rows, kc, 1.f, V.at(b, hk, n), V.row, p, kb, 1.f, o + i0 * D, D);
+        }
+      }
+      float* l = lse_data + bh * L + m;
+      for (int64_t i = 0; i < qb; ++i) {
+        const float inv = 1.f / row_sum[i];
+        float* oi = o + i * D;
+        for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
+        l[i] = row_max_[i] + std::log(row_sum[i]);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// (dq, dk, dv) in float32, given the output gradient and the *final* out and lse of these queries.
+std::vector<at::Tensor> flash_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
+                                       double scale_) {
+  check_qkv(q, k, v);
+  check(dout, "dout", 4), check(out, "out", 4), check(lse, "lse", 3);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), "lse must be (batch, heads, q_len)");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const int64_t group = H / Hkv;
+  const float scale = static_cast<float>(scale_);
+  auto dq = at::zeros({B, H, L, D}, q.options());
+  auto dk = at::zeros({B, Hkv, S, D}, q.options());
+  auto dv = at::zeros({B, Hkv, S, D}, q.options());
+  const Strided Q(q), K(k), V(v), dO(dout), O(out);
+  const float* lse_data = lse.data_ptr<float>();
+  const int64_t ls_b = lse.stride(0), ls_h = lse.stride(1), ls_row = lse.stride(2);
+  float *dq_data = dq.data_ptr<float>(), *dk_data = dk.data_ptr<float>(), *dv_data = dv.data_ptr<float>();
+
+  // One task per (batch, kv head): it owns that head's dK/dV, so tasks never write the same memory.
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p_buf(kQueryTile * kKeyTile), dp_buf(kQueryTile * kKeyTile), delta(L);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, hk = task % Hkv;
+      float* dk_h = dk_data + task * S * D;
+      float* dv_h = dv_data + task * S * D;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i = 0; i < L; ++i) {  // delta_i = dO_i . O_i, accumulated in double
+          const float *a = dO.at(b, h, i), *c = O.at(b, h, i);
+          double s = 0.0;
+          for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * c[d];
+          delta[i] = static_cast<float>(s);
+        }
+        const float* lse_h = lse_data + b * ls_b + h * ls_h;
+        float* dq_h = dq_data + (b * H + h) * L * D;
+        for (int64_t m = 0; m < L; m += kQueryTile) {
+          const int64_t qb = std::min(kQueryTile, L - m);
+          const int64_t num_keys = causal ? std::min(m + qb, S) : S;
+          for (int64_t n = 0; n < num_keys; n += kKeyTile) {
+            const int64_t kb = std::min(kKeyTile, num_keys - n);
+            const bool crosses = causal && n + kb > m + 1;
+            const int64_t slice = crosses ? kDiagonalSlice : qb;
+            for (int64_t i0 = 0; i0 < qb; i0 += slice) {
+              const int64_t i1 = std::min(qb, i0 + slice), rows = i1 - i0;
+              const int64_t kc = visible(causal, m, i1 - 1, n, kb);
+              if (kc == 0) continue;
+              float* p = p_buf.data() + i0 * kb;
+              float* dp = dp_buf.data() + i0 * kb;
+              const float* q_rows = Q.at(b, h, m + i0);
+              const float* do_rows = dO.at(b, h, m + i0);
+              gemm('T', 'N', kc, rows, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, 0.f, p, kb);  // scores
+              gemm('T', 'N', kc, rows, D, 1.f, V.at(b, hk, n), V.row, do_rows, dO.row, 0.f, dp, kb);  // dO V^T
+              for (int64_t i = i0; i < i1; ++i) {  // P = exp(scores - lse), dS = P * (dP - delta)
+                float* pr = p + (i - i0) * kb;
+                float* dpr = dp + (i - i0) * kb;
+                const int64_t len = visible(causal, m, i, n, kb);
+                exp_shifted(pr, len, lse_h[(m + i) * ls_row]);
+                std::fill(pr + len, pr + kc, 0.f);
+                const Vec dl(delta[m + i]);
+                int64_t j = 0;
+                for (; j + Vec::size() <= kc; j += Vec::size()) {
+                  (Vec::loadu(pr + j) * (Vec::loadu(dpr + j) - dl)).store(dpr + j);
+                }
+                for (; j < kc; ++j) dpr[j] = pr[j] * (dpr[j] - delta[m + i]);
+              }
+              // dV += P^T dO;  dQ += scale dS K;  dK += scale dS^T Q
+              gemm('N', 'T', D, kc, rows, 1.f, do_rows, dO.row, p, kb, 1.f, dv_h + n * D, D);
+              gemm('N', 'N', D, rows, kc, scale, K.at(b, hk, n), K.row, dp, kb, 1.f, dq_h + (m + i0) * D, D);
+              gemm('N', 'T', D, kc, rows, scale, q_rows, Q.row, dp, kb, 1.f, dk_h + n * D, D);
+            }
+          }
+        }
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &flash_forward, "flash attention forward: (out, lse)");
+  m.def("backward", &flash_backward, "flash attention backward: (dq, dk, dv) in float32");
+}
