@@ -77,6 +77,31 @@ def test_merge_of_key_halves_equals_whole():
     torch.testing.assert_close(lse, whole_lse)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_blocks_folded_in_place_equal_the_whole(backend):
+    """attention_forward_/attention_backward_ over key blocks, into row views of the sums, give the whole."""
+    q, k, v = _inputs(torch.float32, q_len=600, k_len=600)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    out_w, lse_w = kernels.reference_forward(q.double(), k.double(), v.double(), causal=False, scale=0.3)
+    rows, blocks = slice(100, 600), (slice(300, 600), slice(0, 300))
+    out, lse = kernels.no_keys_seen(q)
+    for part in blocks:
+        kernels.attention_forward_(out[:, :, rows], lse[:, :, rows], q[:, :, rows], k[:, :, part], v[:, :, part],
+                                   causal=False, scale=0.3, backend=backend)
+    assert torch.equal(out[:, :, :100], torch.zeros_like(out[:, :, :100]))  # rows outside the view untouched
+    torch.testing.assert_close(out[:, :, rows].double(), out_w[:, :, rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse[:, :, rows].double(), lse_w[:, :, rows], rtol=1e-5, atol=1e-5)
+    dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+    for part in blocks:
+        kernels.attention_backward_(dq[:, :, rows], dk[:, :, part], dv[:, :, part], dout[:, :, rows], q[:, :, rows],
+                                    k[:, :, part], v[:, :, part], out_w[:, :, rows].float(), lse_w[:, :, rows].float(),
+                                    causal=False, scale=0.3, backend=backend)
+    want = kernels.reference_backward(dout[:, :, rows].double(), q[:, :, rows].double(), k.double(), v.double(),
+                                      out_w[:, :, rows], lse_w[:, :, rows], causal=False, scale=0.3)
+    for got, exact in zip((dq[:, :, rows], dk, dv), want):
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_into_empty_accumulator_has_no_nan():
     out = torch.zeros(1, 1, 3, 2)
     lse = torch.full((1, 1, 3), float("-inf"))

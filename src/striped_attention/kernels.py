@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["attention_forward", "attention_backward", "reference_forward", "reference_backward", "merge_"]
+__all__ = [
+    "attention_forward", "attention_backward", "attention_forward_", "attention_backward_", "reference_forward",
+    "reference_backward", "merge_", "no_keys_seen",
+]
 
 aten = torch.ops.aten
 BACKENDS = ("auto", "torch", "reference")  # "torch": only torch's own fused kernels (no compiled CPU kernel)
@@ -132,11 +135,15 @@ def cpu_extension():
 
 
 def _own_cpu_forward(q, k, v, causal, scale):
-    return cpu_extension().forward(*_unit_stride(q, k, v), causal, scale)
+    out, lse = no_keys_seen(q)
+    cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale)
+    return out, lse
 
 
 def _own_cpu_backward(dout, q, k, v, out, lse, causal, scale):
-    return cpu_extension().backward(*_unit_stride(dout, q, k, v, out), lse, causal, scale)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale)
+    return dq, dk, dv
 
 
 def _unit_stride(*tensors):
@@ -230,6 +237,35 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, b
     """(dq, dk, dv) of one block, given the final out and lse of the whole ring for these queries."""
     _, backward = _select(q, backend)
     return backward(dout, q, k, v, out, lse, causal, scale)
+
+
+def attention_forward_(out, lse, q, k, v, *, causal: bool, scale: float, backend: str = "auto") -> None:
+    """Fold one block into the running sums in place: ``out`` (like q, in the accumulation dtype) and ``lse``
+    (batch, heads, q_len) hold the attention of these queries over the keys seen so far (0 and -inf where
+    none), and afterwards over those keys and k too. Views (a block's rows) are updated where they lie."""
+    forward, _ = _select(q, backend)
+    if forward is _own_cpu_forward and out.stride(-1) == 1:
+        cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale)  # the merge is the kernel's
+    else:
+        merge_(out, lse, *forward(q, k, v, causal, scale))
+
+
+def attention_backward_(dq, dk, dv, dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str = "auto"):
+    """Add one block's gradients into ``dq`` (like q) and ``dk``, ``dv`` (like k), in the accumulation dtype,
+    in place; ``out`` and ``lse`` are the final ones of the whole ring for these queries."""
+    _, backward = _select(q, backend)
+    if backward is _own_cpu_backward and all(t.stride(-1) == 1 for t in (dq, dk, dv)):
+        cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale)
+        return
+    for total, part in zip((dq, dk, dv), backward(dout, q, k, v, out, lse, causal, scale)):
+        total += part
+
+
+def no_keys_seen(q):
+    """Running sums before any key: out = 0 (like q, in the accumulation dtype) and lse = -inf."""
+    acc = _acc_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    return out, torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
 
 
 def default_scale(head_dim: int) -> float:

@@ -308,39 +308,20 @@ def _acc_dtype(q):
 
 def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
     """One pass around the ring: the sums (out, lse), both in the accumulation dtype."""
-    c, acc = q.shape[2], _acc_dtype(q)
-    out = lse = None
+    out, lse = kernels.no_keys_seen(q)
     kv, clock = (k, v), _StepClock("forward", q.device)
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
-        for blk in layout.blocks(ring.rank, source, c, ring.size, causal):
-            out_b, lse_b = kernels.attention_forward(
-                q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k], causal=blk.causal, scale=scale, backend=backend
+        for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
+            kernels.attention_forward_(
+                out[:, :, blk.q], lse[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k],
+                causal=blk.causal, scale=scale, backend=backend,
             )
-            out, lse = _merge_rows(out, lse, out_b, lse_b, blk.q, c, acc)
         clock.computed()
         if incoming is not None:
             kv = incoming.wait()
         clock.waited(step, source)
-    if out is None:
-        out, lse = _no_keys_seen(q.shape, acc, q.device)
-    return out, lse
-
-
-def _no_keys_seen(shape, acc, device):
-    """Sums before any block, for out of ``shape`` (b, h, c, d): out = 0 and lse = -inf (b, h, c)."""
-    return torch.zeros(shape, dtype=acc, device=device), torch.full(shape[:3], float("-inf"), dtype=acc, device=device)
-
-
-def _merge_rows(out, lse, out_b, lse_b, rows: slice, length: int, acc):
-    """Fold one block's (out_b, lse_b) for query ``rows`` into the sums (out, lse) and return them; missing
-    sums start as the block itself when it spans all ``length`` queries (no merge), else as no keys seen."""
-    if out is None:
-        if rows == slice(0, length):
-            return out_b.to(acc), lse_b.to(acc)
-        out, lse = _no_keys_seen(out_b.shape[:2] + (length,) + out_b.shape[3:], acc, out_b.device)
-    kernels.merge_(out[:, :, rows], lse[:, :, rows], out_b, lse_b)
     return out, lse
 
 
@@ -376,47 +357,30 @@ def _land(dk, dv, kv_heads: slice, going_home: Transfer) -> None:
 def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
     """One pass around the ring: dq in the accumulation dtype, and a Transfer that brings this rank's own
     dK/dV home (in flight from the previous rank after the last step; already here on a ring of one)."""
-    c, acc = q.shape[2], _acc_dtype(q)
-    dq, kv, grads_in_flight, clock = None, (k, v), None, _StepClock("backward", q.device)
+    acc = _acc_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv, grads_in_flight, clock = (k, v), None, _StepClock("backward", q.device)
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
-        dk = dv = None
-        for blk in layout.blocks(ring.rank, source, c, ring.size, causal):
-            dq_b, dk_b, dv_b = kernels.attention_backward(
-                dout[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k], out[:, :, blk.q],
-                lse[:, :, blk.q], causal=blk.causal, scale=scale, backend=backend,
+        dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in kv)
+        for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
+            kernels.attention_backward_(
+                dq[:, :, blk.q], dk[:, :, blk.k], dv[:, :, blk.k], dout[:, :, blk.q], q[:, :, blk.q],
+                kv[0][:, :, blk.k], kv[1][:, :, blk.k], out[:, :, blk.q], lse[:, :, blk.q],
+                causal=blk.causal, scale=scale, backend=backend,
             )
-            dq = _add_rows(dq, dq_b, blk.q, c, acc)
-            dk = _add_rows(dk, dk_b, blk.k, c, acc)
-            dv = _add_rows(dv, dv_b, blk.k, c, acc)
         clock.computed()
         if grads_in_flight is not None:  # what the ranks before us added for this same K/V block
             dk_prev, dv_prev = grads_in_flight.wait()
-            dk = dk_prev if dk is None else dk_prev.add_(dk)
-            dv = dv_prev if dv is None else dv_prev.add_(dv)
-        elif dk is None:
-            dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in kv)
+            dk, dv = dk_prev.add_(dk), dv_prev.add_(dv)
         if ring.size > 1:  # after the last step this sends each block's gradient home
             grads_in_flight = ring.shift((dk, dv), GRAD_TAG)
             dk = dv = None  # the transfer holds what it sends; free the rest now
         if incoming is not None:
             kv = incoming.wait()
         clock.waited(step, source)
-    if dq is None:
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     return dq, grads_in_flight if grads_in_flight is not None else Transfer([], (dk, dv))
-
-
-def _add_rows(total, part, rows: slice, length: int, acc):
-    """total[:, :, rows] += part in dtype acc; a missing total starts as part itself when part spans all
-    ``length`` rows (a fresh kernel output, so no zero-filled buffer), else as zeros."""
-    if total is None:
-        if rows == slice(0, length):
-            return part.to(acc)
-        total = torch.zeros(part.shape[:2] + (length,) + part.shape[3:], dtype=acc, device=part.device)
-    total[:, :, rows] += part
-    return total
 
 
 class _RingAttention(torch.autograd.Function):

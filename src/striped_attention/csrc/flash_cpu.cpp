@@ -74,49 +74,52 @@ inline int64_t visible(bool causal, int64_t m, int64_t i, int64_t n, int64_t kb)
   return causal ? std::clamp<int64_t>(m + i - n + 1, 0, kb) : kb;
 }
 
-struct Strided {  // a (B, H, len, D) operand with unit stride along D
-  const float* data;
+struct Strided {  // a (B, H, len, D) operand with unit stride along D, or a (B, H, len) one
+  float* data;
   int64_t b, h, row;
   explicit Strided(const at::Tensor& t) : data(t.data_ptr<float>()), b(t.stride(0)), h(t.stride(1)), row(t.stride(2)) {}
-  const float* at(int64_t bi, int64_t hi, int64_t r = 0) const { return data + bi * b + hi * h + r * row; }
+  float* at(int64_t bi, int64_t hi, int64_t r = 0) const { return data + bi * b + hi * h + r * row; }
 };
 
-void check(const at::Tensor& t, const char* name, int64_t dims) {
+void check(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
-  TORCH_CHECK(t.dim() == dims, name, " must be ", dims, "-D");
-  TORCH_CHECK(dims == 3 || t.stride(3) == 1, name, " needs unit stride along head_dim");
+  TORCH_CHECK(t.sizes() == shape, name, " has shape ", t.sizes(), ", expected ", shape);
+  TORCH_CHECK(t.dim() == 3 || t.stride(3) == 1, name, " needs unit stride along head_dim");
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check(q, "q", 4), check(k, "k", 4), check(v, "v", 4);
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3), "q, k, v shapes disagree");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q, k, v must be 4-D (batch, heads, len, head_dim)");
+  check(q, "q", q.sizes()), check(k, "k", k.sizes()), check(v, "v", k.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "q and k/v disagree on batch or head_dim");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "heads must be a multiple of kv_heads");
 }
 
 }  // namespace
 
-// (out (B, H, L, D), lse (B, H, L)) of softmax(scale * q k^T) v.
-std::vector<at::Tensor> flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                                      double scale_) {
+// Folds softmax(scale * q k^T) v into the running sums, in place: out (B, H, L, D) and lse (B, H, L) hold the
+// attention of these queries over the keys seen so far (out = 0 and lse = -inf where none), and on return
+// over those keys and k too. The earlier keys act as one more key, of score lse and value out, so the merge
+// is the kernel's own online softmax. A query that sees no key of k keeps its sums.
+void flash_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                    const at::Tensor& lse, bool causal, double scale_) {
   check_qkv(q, k, v);
+  check(out, "out", q.sizes()), check(lse, "lse", q.sizes().slice(0, 3));
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   const int64_t group = H / k.size(1), tiles = (L + kQueryTile - 1) / kQueryTile;
   const float scale = static_cast<float>(scale_);
-  auto out = at::empty({B, H, L, D}, q.options());
-  auto lse = at::empty({B, H, L}, q.options());
-  const Strided Q(q), K(k), V(v);
-  float* out_data = out.data_ptr<float>();
-  float* lse_data = lse.data_ptr<float>();
+  const Strided Q(q), K(k), V(v), O(out), LSE(lse);
 
   at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(kQueryTile * kKeyTile), row_max_(kQueryTile), row_sum(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
       const int64_t m = t * kQueryTile, qb = std::min(kQueryTile, L - m);
-      float* o = out_data + (bh * L + m) * D;
-      std::fill(row_max_.begin(), row_max_.begin() + qb, -std::numeric_limits<float>::infinity());
-      std::fill(row_sum.begin(), row_sum.begin() + qb, 0.f);
-      std::fill(o, o + qb * D, 0.f);
+      float* o = O.at(b, h, m);
+      float* l = LSE.at(b, h, m);
+      for (int64_t i = 0; i < qb; ++i) {
+        row_max_[i] = l[i * LSE.row];
+        row_sum[i] = row_max_[i] == -std::numeric_limits<float>::infinity() ? 0.f : 1.f;  // out has weight 1
+      }
       const int64_t num_keys = causal ? std::min(m + qb, S) : S;
       for (int64_t n = 0; n < num_keys; n += kKeyTile) {
         const int64_t kb = std::min(kKeyTile, num_keys - n);
@@ -138,51 +141,44 @@ std::vector<at::Tensor> flash_forward(const at::Tensor& q, const at::Tensor& k, 
             row_sum[i] = row_sum[i] * rescale + exp_shifted(r, len, new_max);
             row_max_[i] = new_max;
             if (rescale != 1.f) {
-              float* oi = o + i * D;
+              float* oi = o + i * O.row;
               for (int64_t d = 0; d < D; ++d) oi[d] *= rescale;
             }
           }
-          gemm('N', 'N', D, rows, kc, 1.f, V.at(b, hk, n), V.row, p, kb, 1.f, o + i0 * D, D);
+          gemm('N', 'N', D, rows, kc, 1.f, V.at(b, hk, n), V.row, p, kb, 1.f, o + i0 * O.row, O.row);
         }
       }
-      float* l = lse_data + bh * L + m;
       for (int64_t i = 0; i < qb; ++i) {
+        if (row_sum[i] == 0.f) continue;  // no key seen, before or now
         const float inv = 1.f / row_sum[i];
-        float* oi = o + i * D;
+        float* oi = o + i * O.row;
         for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
-        l[i] = row_max_[i] + std::log(row_sum[i]);
+        l[i * LSE.row] = row_max_[i] + std::log(row_sum[i]);
       }
     }
   });
-  return {out, lse};
 }
 
-// (dq, dk, dv) in float32, given the output gradient and the *final* out and lse of these queries.
-std::vector<at::Tensor> flash_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
-                                       double scale_) {
+// Adds this block's gradients into dq (B, H, L, D), dk and dv (B, Hkv, S, D), in place, given the output
+// gradient and the *final* out and lse of these queries (over every key, not only k's).
+void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                     const at::Tensor& dv, bool causal, double scale_) {
   check_qkv(q, k, v);
-  check(dout, "dout", 4), check(out, "out", 4), check(lse, "lse", 3);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape");
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), "lse must be (batch, heads, q_len)");
+  check(dout, "dout", q.sizes()), check(out, "out", q.sizes()), check(lse, "lse", q.sizes().slice(0, 3));
+  check(dq, "dq", q.sizes()), check(dk, "dk", k.sizes()), check(dv, "dv", k.sizes());
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   const int64_t group = H / Hkv;
   const float scale = static_cast<float>(scale_);
-  auto dq = at::zeros({B, H, L, D}, q.options());
-  auto dk = at::zeros({B, Hkv, S, D}, q.options());
-  auto dv = at::zeros({B, Hkv, S, D}, q.options());
-  const Strided Q(q), K(k), V(v), dO(dout), O(out);
-  const float* lse_data = lse.data_ptr<float>();
-  const int64_t ls_b = lse.stride(0), ls_h = lse.stride(1), ls_row = lse.stride(2);
-  float *dq_data = dq.data_ptr<float>(), *dk_data = dk.data_ptr<float>(), *dv_data = dv.data_ptr<float>();
+  const Strided Q(q), K(k), V(v), dO(dout), O(out), LSE(lse), dQ(dq), dK(dk), dV(dv);
 
   // One task per (batch, kv head): it owns that head's dK/dV, so tasks never write the same memory.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p_buf(kQueryTile * kKeyTile), dp_buf(kQueryTile * kKeyTile), delta(L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, hk = task % Hkv;
-      float* dk_h = dk_data + task * S * D;
-      float* dv_h = dv_data + task * S * D;
+      float* dk_h = dK.at(b, hk);
+      float* dv_h = dV.at(b, hk);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t i = 0; i < L; ++i) {  // delta_i = dO_i . O_i, accumulated in double
           const float *a = dO.at(b, h, i), *c = O.at(b, h, i);
@@ -190,8 +186,8 @@ std::vector<at::Tensor> flash_backward(const at::Tensor& dout, const at::Tensor&
           for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * c[d];
           delta[i] = static_cast<float>(s);
         }
-        const float* lse_h = lse_data + b * ls_b + h * ls_h;
-        float* dq_h = dq_data + (b * H + h) * L * D;
+        const float* lse_h = LSE.at(b, h);
+        float* dq_h = dQ.at(b, h);
         for (int64_t m = 0; m < L; m += kQueryTile) {
           const int64_t qb = std::min(kQueryTile, L - m);
           const int64_t num_keys = causal ? std::min(m + qb, S) : S;
@@ -213,7 +209,7 @@ std::vector<at::Tensor> flash_backward(const at::Tensor& dout, const at::Tensor&
                 float* pr = p + (i - i0) * kb;
                 float* dpr = dp + (i - i0) * kb;
                 const int64_t len = visible(causal, m, i, n, kb);
-                exp_shifted(pr, len, lse_h[(m + i) * ls_row]);
+                exp_shifted(pr, len, lse_h[(m + i) * LSE.row]);
                 std::fill(pr + len, pr + kc, 0.f);
                 const Vec dl(delta[m + i]);
                 int64_t j = 0;
@@ -223,19 +219,18 @@ std::vector<at::Tensor> flash_backward(const at::Tensor& dout, const at::Tensor&
                 for (; j < kc; ++j) dpr[j] = pr[j] * (dpr[j] - delta[m + i]);
               }
               // dV += P^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-              gemm('N', 'T', D, kc, rows, 1.f, do_rows, dO.row, p, kb, 1.f, dv_h + n * D, D);
-              gemm('N', 'N', D, rows, kc, scale, K.at(b, hk, n), K.row, dp, kb, 1.f, dq_h + (m + i0) * D, D);
-              gemm('N', 'T', D, kc, rows, scale, q_rows, Q.row, dp, kb, 1.f, dk_h + n * D, D);
+              gemm('N', 'T', D, kc, rows, 1.f, do_rows, dO.row, p, kb, 1.f, dv_h + n * dV.row, dV.row);
+              gemm('N', 'N', D, rows, kc, scale, K.at(b, hk, n), K.row, dp, kb, 1.f, dq_h + (m + i0) * dQ.row, dQ.row);
+              gemm('N', 'T', D, kc, rows, scale, q_rows, Q.row, dp, kb, 1.f, dk_h + n * dK.row, dK.row);
             }
           }
         }
       }
     }
   });
-  return {dq, dk, dv};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &flash_forward, "flash attention forward: (out, lse)");
-  m.def("backward", &flash_backward, "flash attention backward: (dq, dk, dv) in float32");
+  m.def("forward_", &flash_forward_, "fold a block into the running (out, lse), in place");
+  m.def("backward_", &flash_backward_, "add a block's gradients into (dq, dk, dv), in place");
 }
