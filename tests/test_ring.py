@@ -26,6 +26,7 @@ class Case:
     head_dim: int = 24  # not a power of two
     scale: float | None = None
     backend: str = "auto"
+    head_groups: int | None = None
 
     @property
     def tol(self):
@@ -46,6 +47,9 @@ def _cases(world):
     if world == 2:
         cases += [Case(name, True, seq=1200, heads=2, kv_heads=1, head_dim=64) for name in sorted(LAYOUTS)]
         cases += [Case(name, True, backend="reference") for name in sorted(LAYOUTS)]
+    if world in (2, 3):  # the ring once per group of kv heads, groups of unequal size included
+        cases += [Case(name, causal, heads=6, kv_heads=3, head_groups=g)
+                  for name in sorted(LAYOUTS) for causal in (True, False) for g in (1, 2, 3)]
     return cases
 
 
@@ -61,7 +65,7 @@ def run_cases(world):
         want = reference(q, k, v, dout, case.causal, case.scale)
         got = sharded_run(
             case.layout, getattr(torch, case.dtype), q, k, v, dout,
-            causal=case.causal, softmax_scale=case.scale, backend=case.backend,
+            causal=case.causal, softmax_scale=case.scale, backend=case.backend, head_groups=case.head_groups,
         )
         assert all(g.dtype == getattr(torch, case.dtype) for g in got)
         errors[case] = [relative_error(g, w) for g, w in zip(got, want)]
@@ -124,6 +128,8 @@ def run_checks():
         "peer-length": lambda: ring_attention(*(t(1, 2, c + 2 * rank, 4) for _ in range(3))),
         "peer-dtype": lambda: ring_attention(*(t(1, 2, c, 4, dtype=[torch.float32, torch.float64][rank]) for _ in range(3))),
         "peer-heads": lambda: ring_attention(t(1, 2 + 2 * rank, c, 4), t(1, 2, c, 4), t(1, 2, c, 4)),
+        "head-groups": lambda: ring_attention(t(1, 2, c, 4), t(1, 2, c, 4), t(1, 2, c, 4), head_groups=3),
+        "peer-head-groups": lambda: ring_attention(*(t(1, 2, c, 4) for _ in range(3)), head_groups=1 + rank),
     }
     for name, fn in bad.items():
         report[f"bad-{name}"] = error_of(fn)
@@ -167,6 +173,8 @@ BAD = {
     "peer-length": "ranks disagree on local_seq",
     "peer-dtype": "ranks disagree on dtype",
     "peer-heads": "ranks disagree on heads",
+    "head-groups": "head_groups must be an int from 1 to kv_heads (2), got 3",
+    "peer-head-groups": "ranks disagree on head_groups",
 }
 
 
@@ -209,3 +217,27 @@ def test_a_new_layout_needs_no_change_to_the_engine():
     want = reference(q, k, v, dout, True, None)
     got = sharded_run(_SplitTriangle(), torch.float64, q, k, v, dout)
     assert max(relative_error(g, w) for g, w in zip(got, want)) < 1e-12
+
+
+def test_head_groups_keep_each_query_head_with_its_kv_head():
+    from striped_attention.ring import head_slices
+
+    assert head_slices(6, 3, 2) == [(slice(0, 2), slice(0, 1)), (slice(2, 6), slice(1, 3))]
+    assert head_slices(8, 8, 4) == [(slice(2 * g, 2 * g + 2), slice(2 * g, 2 * g + 2)) for g in range(4)]
+    assert head_slices(4, 1, 1) == [(slice(0, 4), slice(0, 1))]
+
+
+def test_default_head_groups_leave_no_cpu_thread_idle():
+    from striped_attention.ring import _head_groups
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _head_groups(None, torch.empty(1, 8, 4, 2), world_size=2) == 4
+        assert _head_groups(None, torch.empty(1, 2, 4, 2), world_size=2) == 2
+        assert _head_groups(None, torch.empty(1, 8, 4, 2), world_size=1) == 1
+        torch.set_num_threads(4)
+        assert _head_groups(None, torch.empty(1, 8, 4, 2), world_size=2) == 2  # 4 (batch, kv head) pairs each
+        assert _head_groups(3, torch.empty(1, 8, 4, 2), world_size=2) == 3
+    finally:
+        torch.set_num_threads(threads)

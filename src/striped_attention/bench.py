@@ -382,9 +382,9 @@ def add_parser(subparsers) -> None:
                         "for --device cuda (default: %(default)s)")
     add_workload_arguments(p, defaults)
     p.add_argument("--head-groups", metavar="N", type=int,
-                   help="run the ring once per group of N near-equal kv-head groups, one after the other: less "
-                        "K/V in flight, and each group's dK/dV travel home while the next computes (default: "
-                        "min(kv heads, 4) on several ranks)")
+                   help="split the kv heads into N groups and run the ring once per group, one after the other: "
+                        "1/N of the K/V in flight, and each group's dK/dV travel home while the next computes "
+                        "(default: ring_attention's, up to 4)")
     p.add_argument("--baseline", action="store_true",
                    help="also time one rank running torch SDPA on the whole sequence, and report scaling "
                         "efficiency = T(1 rank) / (N x T(N ranks))")

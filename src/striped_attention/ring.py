@@ -57,7 +57,8 @@ def ring_attention(
             ``"reference"`` (pure PyTorch; any device and dtype).
         head_groups: run the ring once per group of kv heads (and their query heads), one group after the
             other: 1/head_groups of the K/V and dK/dV blocks are in flight at a time, and each group's dK/dV
-            travel home while the next group computes. None: min(kv_heads, 4) on a ring of several ranks.
+            travel home while the next group computes. None: up to 4 groups on a ring of several ranks,
+            fewer where a group would have fewer (batch, kv head) pairs than CPU threads.
 
     Returns:
         (batch, heads, local_seq, head_dim) with q's dtype: this rank's output, differentiable in q, k, v.
@@ -70,7 +71,7 @@ def ring_attention(
     ring = _Ring(group)
     lay.check(q.shape[2] * ring.size, ring.size)
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    groups = _head_groups(head_groups, k.shape[1], ring.size)
+    groups = _head_groups(head_groups, k, ring.size)
     ring.check_consistent(q, k, lay, causal, scale, groups)
     return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend, groups)
 
@@ -78,9 +79,15 @@ def ring_attention(
 DEFAULT_HEAD_GROUPS = 4
 
 
-def _head_groups(requested: int | None, kv_heads: int, world_size: int) -> int:
+def _head_groups(requested: int | None, k: torch.Tensor, world_size: int) -> int:
+    """``requested``, checked; by default up to DEFAULT_HEAD_GROUPS on a ring of several ranks, fewer where a
+    group would have fewer (batch, kv head) pairs than CPU threads (the CPU backward runs one per thread)."""
+    batch, kv_heads = k.shape[:2]
     if requested is None:
-        return min(kv_heads, DEFAULT_HEAD_GROUPS) if world_size > 1 else 1
+        if world_size == 1:
+            return 1
+        threads = torch.get_num_threads() if k.device.type == "cpu" else 1
+        return max(1, min(kv_heads, DEFAULT_HEAD_GROUPS, batch * kv_heads // threads))
     if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= kv_heads:
         raise ValueError(f"head_groups must be an int from 1 to kv_heads ({kv_heads}), got {requested!r}")
     return requested
