@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-	$(PY) -m striped_attention.kernels
+	$(PY) -c "from striped_attention.kernels import build_cpu_extension; build_cpu_extension()"
 	touch $(STAMP)
 
 demo: $(STAMP)

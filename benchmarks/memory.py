@@ -46,6 +46,7 @@ class MemoryConfig:
     head_dim: int
     dtype: str
     layout: str
+    head_groups: int | None = None  # ring_attention's; None is its default
 
 
 def _status_kib(field: str) -> int:
@@ -72,7 +73,7 @@ def _forward_backward(cfg: MemoryConfig, local_len: int) -> None:
             q, k, v, is_causal=True, enable_gqa=cfg.heads != cfg.kv_heads
         )
     else:
-        out = ring_attention(q, k, v, layout=cfg.layout)
+        out = ring_attention(q, k, v, layout=cfg.layout, head_groups=cfg.head_groups)
     out.backward(dout)
 
 
@@ -103,6 +104,8 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
                 p.error(f"--seq-lens {s} is not a multiple of {divisor} ({args.layout} on {n} ranks)")
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    if args.head_groups is not None and not 1 <= args.head_groups <= args.kv_heads:
+        p.error(f"--head-groups must be from 1 to --kv-heads ({args.kv_heads}), got {args.head_groups}")
     if not sys.platform.startswith("linux"):
         p.error("the CPU method reads /proc/self/status and /proc/self/clear_refs: Linux only")
 
@@ -120,13 +123,16 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64, help="channels per head")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="input dtype")
     p.add_argument("--layout", default="striped", choices=sorted(LAYOUTS), help="ring layout of the tokens")
+    p.add_argument("--head-groups", type=int, default=None,
+                   help="ring_attention's head_groups: groups of kv heads run one after the other (default: its own)")
     args = p.parse_args(argv)
     _check_args(p, args)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # read by glibc in each fresh process
 
     shape = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype, layout=args.layout)
     runs = [MemoryConfig("sdpa", 1, s, **shape) for s in args.seq_lens]
-    runs += [MemoryConfig("ring", n, s, **shape) for s in args.seq_lens for n in args.world_sizes]
+    runs += [MemoryConfig("ring", n, s, **shape, head_groups=args.head_groups)
+             for s in args.seq_lens for n in args.world_sizes]
     print(f"causal attention forward+backward, batch 1, {args.heads} heads / {args.kv_heads} kv heads, "
           f"head_dim {args.head_dim}, {args.dtype}, 1 thread per process", file=sys.stderr)
     progress, start, peaks = Progress("memory"), time.monotonic(), {}
@@ -146,7 +152,7 @@ def main(argv=None) -> int:
                      f"{peaks[cfg] / single:.2f}x", f"{peaks[cfg] / 1024 / local:.1f}"])
     print(format_rows(rows))
     if 32768 in args.seq_lens and 2 in args.world_sizes:
-        cfg = MemoryConfig("ring", 2, 32768, **shape)
+        cfg = MemoryConfig("ring", 2, 32768, **shape, head_groups=args.head_groups)
         ratio = peaks[cfg] / peaks[MemoryConfig("sdpa", 1, 32768, **shape)]
         verdict = "meets" if ratio <= TARGET else "misses"
         print(f"32,768 tokens on 2 ranks: peak per rank = {ratio:.2f}x one process ({verdict} the target <= {TARGET}x)")

@@ -35,11 +35,13 @@ def test_fused_cpu_kernel_matches_reference(dtype, tol, causal, shape, backend):
     _assert_matches_reference(*_inputs(dtype, heads, kv_heads, q_len, k_len), causal, 0.3, tol, backend)
 
 
-def test_compiled_cpu_kernel_is_built_and_chosen_for_float32():
-    assert kernels.cpu_extension() is not None, "the float32 CPU kernel did not build (see the warning)"
-    q, k, v = _inputs(torch.float32)
-    assert kernels._select(q, "auto") == (kernels._own_cpu_forward, kernels._own_cpu_backward)
-    assert kernels._select(q, "torch") == (kernels._cpu_forward, kernels._cpu_backward)
+def test_compiled_cpu_kernel_is_built_and_chosen_for_float32_and_float64():
+    assert kernels.cpu_extension() is not None, "the CPU kernel did not build (see the warning)"
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = _inputs(dtype)
+        assert kernels._select(q, "auto") == (kernels._own_cpu_forward, kernels._own_cpu_backward)
+        assert kernels._select(q, "torch") == (kernels._cpu_forward, kernels._cpu_backward)
+    assert kernels._select(q.bfloat16(), "auto") == (kernels._cpu_forward, kernels._cpu_backward)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -101,9 +101,9 @@ def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
     )
 
 
-# float32 on CPU: this package's own flash kernel (csrc/flash_cpu.cpp), compiled for this machine on first
-# use. It tiles like torch's, but computes a tile that crosses the causal diagonal in slices of 64 queries,
-# so a causal block costs ~0.5 of a full one instead of ~0.5 + 256/len (what striped pays at every step).
+# float32 and float64 on CPU: this package's own flash kernel (csrc/flash_cpu.cpp), compiled for this machine
+# on first use. It tiles like torch's, but computes a tile that crosses the causal diagonal in slices of 64
+# queries, so a causal block costs ~0.5 of a full one instead of ~0.5 + 256/len (striped pays it every step).
 
 
 _CSRC = Path(__file__).parent / "csrc" / "flash_cpu.cpp"
@@ -115,8 +115,8 @@ _extension: list = []  # [module or None], once loaded or failed
 
 
 def cpu_extension():
-    """The compiled float32 CPU kernel module, building it on first use (about 30 s, cached by torch under
-    $TORCH_EXTENSIONS_DIR); None, with one warning, where it cannot be built (no C++ compiler, no ninja)."""
+    """The compiled CPU kernel module (float32, float64), building it on first use (about 30 s, cached by torch
+    under $TORCH_EXTENSIONS_DIR); None, with one warning, where it cannot be built (no C++ compiler, no ninja)."""
     if not _extension:
         capability = torch.backends.cpu.get_cpu_capability()
         vec = capability if capability in _VEC_FLAGS else "DEFAULT"
@@ -216,7 +216,7 @@ def _select(q: torch.Tensor, backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if q.device.type == "cpu":
-        if q.dtype == torch.float32 and backend != "torch" and cpu_extension() is not None:
+        if q.dtype in (torch.float32, torch.float64) and backend != "torch" and cpu_extension() is not None:
             return _own_cpu_forward, _own_cpu_backward
         return _cpu_forward, _cpu_backward
     if q.device.type == "cuda":
@@ -228,7 +228,7 @@ def _select(q: torch.Tensor, backend: str):
 
 
 def attention_forward(q, k, v, *, causal: bool, scale: float, backend: str = "auto"):
-    """(out, lse) of one block: out like q, lse (batch, heads, q_len) float32."""
+    """(out, lse) of one block: out like q, lse (batch, heads, q_len) float32 (float64 for float64 input)."""
     forward, _ = _select(q, backend)
     return forward(q, k, v, causal, scale)
 
@@ -290,6 +290,7 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
     lse.copy_(torch.logaddexp(lse, lse_b))
 
 
-if __name__ == "__main__":  # `python -m striped_attention.kernels`: build the CPU kernel now (make does)
+def build_cpu_extension() -> None:
+    """Build (or load) the CPU kernel now and say where it is: what ``make`` runs after installing."""
     module = cpu_extension()
-    print(f"float32 CPU flash kernel: {'built, ' + module.__file__ if module else 'unavailable; torch kernels in use'}")
+    print(f"CPU flash kernel (float32, float64): {module.__file__ if module else 'unavailable, torch kernels in use'}")

@@ -1,16 +1,16 @@
-// Flash attention for CPU, float32, forward and backward, with the log-sum-exp.
+// Flash attention for CPU, float32 and float64, forward and backward, with the log-sum-exp.
 //
 // Shapes: q (B, H, L, D); k, v (B, Hkv, S, D), H % Hkv == 0 (GQA); out like q; lse (B, H, L).
-// Every operand may be strided, with unit stride along D. Causal masking is top-left aligned: query i sees
-// keys 0..i. Every query must see at least one key.
+// Every operand may be strided, with unit stride along D; all share one dtype. Causal masking is top-left
+// aligned: query i sees keys 0..i.
 //
-// Same tiling as torch's CPU flash kernel (256 queries x 512 keys, BLAS for the four products, an online
-// softmax in between), with one difference that matters to ring attention: where a tile crosses the
-// diagonal, it is computed in slices of 64 queries, each over only the keys it can see. torch's kernel
-// computes the whole 256 x 512 tile there, so a causal block costs it about 0.5 + 256 / L of a full block;
-// here it costs about 0.5 + 32 / L, and a striped ring, which computes a causal block at every step, runs
-// at the dense rate.
+// Same tiling as torch's CPU flash kernel (256 queries x 512 keys, BLAS for the products, an online softmax
+// in between), with one difference that matters to ring attention: where a tile crosses the diagonal, it is
+// computed in slices of 64 queries, each over only the keys it can see. torch's kernel computes the whole
+// 256 x 512 tile there, so a causal block costs it about 0.5 + 256 / L of a full block; here it costs about
+// 0.5 + 32 / L, and a striped ring, which computes a causal block at every step, runs near the dense rate.
 #include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -20,9 +20,13 @@
 #include <limits>
 #include <vector>
 
+// Fortran BLAS, as torch's CPU library exports it (MKL or OpenBLAS).
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
+extern "C" void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+                       const double* beta, double* c, const int* ldc);
 
 namespace {
 
@@ -30,31 +34,38 @@ constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 512;
 constexpr int64_t kDiagonalSlice = 64;  // query rows per slice where a tile crosses the diagonal
 
-using Vec = at::vec::Vectorized<float>;
-
 // Column-major BLAS: c (m x n) = alpha * op(a) * op(b) + beta * c. A row-major (r x s) matrix with leading
 // dimension ld is the column-major (s x r) matrix with the same ld, so row-major products are written
 // transposed below.
-void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+template <typename T>
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
   const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
-  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  } else {
+    dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  }
 }
 
-float row_max(const float* row, int64_t len) {
-  Vec acc(-std::numeric_limits<float>::infinity());
+template <typename T>
+T row_max(const T* row, int64_t len) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(-std::numeric_limits<T>::infinity());
   int64_t j = 0;
   for (; j + Vec::size() <= len; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(row + j));
   if (j < len) {
     acc = at::vec::maximum(acc, Vec::set(acc, Vec::loadu(row + j, len - j), len - j));
   }
-  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, acc);
+  return at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, acc);
 }
 
 // row[0:len] <- exp(row[0:len] - shift); returns their sum.
-float exp_shifted(float* row, int64_t len, float shift) {
+template <typename T>
+T exp_shifted(T* row, int64_t len, T shift) {
+  using Vec = at::vec::Vectorized<T>;
   const Vec s(shift);
-  Vec acc(0.f);
+  Vec acc(T(0));
   int64_t j = 0;
   for (; j + Vec::size() <= len; j += Vec::size()) {
     Vec e = (Vec::loadu(row + j) - s).exp_u20();
@@ -64,9 +75,9 @@ float exp_shifted(float* row, int64_t len, float shift) {
   if (j < len) {
     Vec e = (Vec::loadu(row + j, len - j) - s).exp_u20();
     e.store(row + j, len - j);
-    acc = acc + Vec::set(Vec(0.f), e, len - j);
+    acc = acc + Vec::set(Vec(T(0)), e, len - j);
   }
-  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  return at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
 }
 
 // The keys [n, n + kb) of a tile that query m + i sees: all kb, or fewer on the causal diagonal.
@@ -74,24 +85,155 @@ inline int64_t visible(bool causal, int64_t m, int64_t i, int64_t n, int64_t kb)
   return causal ? std::clamp<int64_t>(m + i - n + 1, 0, kb) : kb;
 }
 
+// Calls body(n, kb, i0, i1, kc) for each piece of work of the query tile [m, m + qb) against S keys: key
+// tiles [n, n + kb), each for rows [i0, i1) of the query tile over the tile's first kc keys (those its last
+// row sees; earlier rows may see fewer, which the body masks). Off the diagonal a piece is the whole tile;
+// on it, a slice of kDiagonalSlice rows, so no row computes more than kDiagonalSlice keys it does not see.
+template <typename Body>
+void for_each_piece(bool causal, int64_t m, int64_t qb, int64_t S, Body&& body) {
+  const int64_t num_keys = causal ? std::min(m + qb, S) : S;
+  for (int64_t n = 0; n < num_keys; n += kKeyTile) {
+    const int64_t kb = std::min(kKeyTile, num_keys - n);
+    const int64_t slice = causal && n + kb > m + 1 ? kDiagonalSlice : qb;
+    for (int64_t i0 = 0; i0 < qb; i0 += slice) {
+      const int64_t i1 = std::min(qb, i0 + slice), kc = visible(causal, m, i1 - 1, n, kb);
+      if (kc > 0) body(n, kb, i0, i1, kc);
+    }
+  }
+}
+
+template <typename T>
 struct Strided {  // a (B, H, len, D) operand with unit stride along D, or a (B, H, len) one
-  float* data;
+  T* data;
   int64_t b, h, row;
-  explicit Strided(const at::Tensor& t) : data(t.data_ptr<float>()), b(t.stride(0)), h(t.stride(1)), row(t.stride(2)) {}
-  float* at(int64_t bi, int64_t hi, int64_t r = 0) const { return data + bi * b + hi * h + r * row; }
+  explicit Strided(const at::Tensor& t) : data(t.data_ptr<T>()), b(t.stride(0)), h(t.stride(1)), row(t.stride(2)) {}
+  T* at(int64_t bi, int64_t hi, int64_t r = 0) const { return data + bi * b + hi * h + r * row; }
 };
 
-void check(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+void check(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, name, " must be a CPU tensor of dtype ", dtype);
   TORCH_CHECK(t.sizes() == shape, name, " has shape ", t.sizes(), ", expected ", shape);
   TORCH_CHECK(t.dim() == 3 || t.stride(3) == 1, name, " needs unit stride along head_dim");
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q, k, v must be 4-D (batch, heads, len, head_dim)");
-  check(q, "q", q.sizes()), check(k, "k", k.sizes()), check(v, "v", k.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "float32 or float64 only");
+  check(q, "q", q.sizes(), q.scalar_type()), check(k, "k", k.sizes(), q.scalar_type());
+  check(v, "v", k.sizes(), q.scalar_type());
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "q and k/v disagree on batch or head_dim");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "heads must be a multiple of kv_heads");
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                  const at::Tensor& lse, bool causal, double scale_) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
+  const int64_t group = H / k.size(1), tiles = (L + kQueryTile - 1) / kQueryTile;
+  const T scale = static_cast<T>(scale_);
+  const Strided<T> Q(q), K(k), V(v), O(out), LSE(lse);
+
+  at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(kQueryTile * kKeyTile), row_max_(kQueryTile), row_sum(kQueryTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
+      const int64_t m = t * kQueryTile, qb = std::min(kQueryTile, L - m);
+      T* o = O.at(b, h, m);
+      T* l = LSE.at(b, h, m);
+      for (int64_t i = 0; i < qb; ++i) {
+        row_max_[i] = l[i * LSE.row];
+        row_sum[i] = row_max_[i] == -std::numeric_limits<T>::infinity() ? T(0) : T(1);  // out has weight 1
+      }
+      for_each_piece(causal, m, qb, S, [&](int64_t n, int64_t kb, int64_t i0, int64_t i1, int64_t kc) {
+        const int64_t rows = i1 - i0;
+        T* p = scores.data() + i0 * kb;
+        gemm('T', 'N', kc, rows, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m + i0), Q.row, T(0), p, kb);
+        for (int64_t i = i0; i < i1; ++i) {
+          T* r = p + (i - i0) * kb;
+          const int64_t len = visible(causal, m, i, n, kb);
+          std::fill(r + len, r + kc, T(0));
+          if (len == 0) continue;
+          const T new_max = std::max(row_max_[i], row_max(r, len));
+          const T rescale = std::exp(row_max_[i] - new_max);
+          row_sum[i] = row_sum[i] * rescale + exp_shifted(r, len, new_max);
+          row_max_[i] = new_max;
+          if (rescale != T(1)) {
+            T* oi = o + i * O.row;
+            for (int64_t d = 0; d < D; ++d) oi[d] *= rescale;
+          }
+        }
+        gemm('N', 'N', D, rows, kc, T(1), V.at(b, hk, n), V.row, p, kb, T(1), o + i0 * O.row, O.row);
+      });
+      for (int64_t i = 0; i < qb; ++i) {
+        if (row_sum[i] == T(0)) continue;  // no key seen, before or now
+        const T inv = T(1) / row_sum[i];
+        T* oi = o + i * O.row;
+        for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
+        l[i * LSE.row] = row_max_[i] + std::log(row_sum[i]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                   const at::Tensor& dv, bool causal, double scale_) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const int64_t group = H / Hkv;
+  const T scale = static_cast<T>(scale_);
+  const Strided<T> Q(q), K(k), V(v), dO(dout), O(out), LSE(lse), dQ(dq), dK(dk), dV(dv);
+
+  using Vec = at::vec::Vectorized<T>;
+  // One task per (batch, kv head): it owns that head's dK/dV, so tasks never write the same memory.
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> p_buf(kQueryTile * kKeyTile), dp_buf(kQueryTile * kKeyTile), delta(L);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, hk = task % Hkv;
+      T* dk_h = dK.at(b, hk);
+      T* dv_h = dV.at(b, hk);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i = 0; i < L; ++i) {  // delta_i = dO_i . O_i, accumulated in double
+          const T *a = dO.at(b, h, i), *c = O.at(b, h, i);
+          double s = 0.0;
+          for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * c[d];
+          delta[i] = static_cast<T>(s);
+        }
+        const T* lse_h = LSE.at(b, h);
+        T* dq_h = dQ.at(b, h);
+        for (int64_t m = 0; m < L; m += kQueryTile) {
+          const int64_t qb = std::min(kQueryTile, L - m);
+          for_each_piece(causal, m, qb, S, [&](int64_t n, int64_t kb, int64_t i0, int64_t i1, int64_t kc) {
+            const int64_t rows = i1 - i0;
+            T* p = p_buf.data() + i0 * kb;
+            T* dp = dp_buf.data() + i0 * kb;
+            const T* q_rows = Q.at(b, h, m + i0);
+            const T* do_rows = dO.at(b, h, m + i0);
+            gemm('T', 'N', kc, rows, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, kb);  // scores
+            gemm('T', 'N', kc, rows, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), dp, kb);  // dO V^T
+            for (int64_t i = i0; i < i1; ++i) {  // P = exp(scores - lse), dS = P * (dP - delta)
+              T* pr = p + (i - i0) * kb;
+              T* dpr = dp + (i - i0) * kb;
+              const int64_t len = visible(causal, m, i, n, kb);
+              exp_shifted(pr, len, lse_h[(m + i) * LSE.row]);
+              std::fill(pr + len, pr + kc, T(0));
+              const Vec dl(delta[m + i]);
+              int64_t j = 0;
+              for (; j + Vec::size() <= kc; j += Vec::size()) {
+                (Vec::loadu(pr + j) * (Vec::loadu(dpr + j) - dl)).store(dpr + j);
+              }
+              for (; j < kc; ++j) dpr[j] = pr[j] * (dpr[j] - delta[m + i]);
+            }
+            // dV += P^T dO;  dQ += scale dS K;  dK += scale dS^T Q
+            gemm('N', 'T', D, kc, rows, T(1), do_rows, dO.row, p, kb, T(1), dv_h + n * dV.row, dV.row);
+            gemm('N', 'N', D, rows, kc, scale, K.at(b, hk, n), K.row, dp, kb, T(1), dq_h + (m + i0) * dQ.row,
+                 dQ.row);
+            gemm('N', 'T', D, kc, rows, scale, q_rows, Q.row, dp, kb, T(1), dk_h + n * dK.row, dK.row);
+          });
+        }
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -103,59 +245,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 void flash_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                     const at::Tensor& lse, bool causal, double scale_) {
   check_qkv(q, k, v);
-  check(out, "out", q.sizes()), check(lse, "lse", q.sizes().slice(0, 3));
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
-  const int64_t group = H / k.size(1), tiles = (L + kQueryTile - 1) / kQueryTile;
-  const float scale = static_cast<float>(scale_);
-  const Strided Q(q), K(k), V(v), O(out), LSE(lse);
-
-  at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kQueryTile * kKeyTile), row_max_(kQueryTile), row_sum(kQueryTile);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
-      const int64_t m = t * kQueryTile, qb = std::min(kQueryTile, L - m);
-      float* o = O.at(b, h, m);
-      float* l = LSE.at(b, h, m);
-      for (int64_t i = 0; i < qb; ++i) {
-        row_max_[i] = l[i * LSE.row];
-        row_sum[i] = row_max_[i] == -std::numeric_limits<float>::infinity() ? 0.f : 1.f;  // out has weight 1
-      }
-      const int64_t num_keys = causal ? std::min(m + qb, S) : S;
-      for (int64_t n = 0; n < num_keys; n += kKeyTile) {
-        const int64_t kb = std::min(kKeyTile, num_keys - n);
-        const bool crosses = causal && n + kb > m + 1;
-        const int64_t slice = crosses ? kDiagonalSlice : qb;
-        for (int64_t i0 = 0; i0 < qb; i0 += slice) {
-          const int64_t i1 = std::min(qb, i0 + slice), rows = i1 - i0;
-          const int64_t kc = visible(causal, m, i1 - 1, n, kb);  // keys the slice's last row sees
-          if (kc == 0) continue;
-          float* p = scores.data() + i0 * kb;
-          gemm('T', 'N', kc, rows, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m + i0), Q.row, 0.f, p, kb);
-          for (int64_t i = i0; i < i1; ++i) {
-            float* r = p + (i - i0) * kb;
-            const int64_t len = visible(causal, m, i, n, kb);
-            const float new_max = std::max(row_max_[i], len > 0 ? row_max(r, len) : row_max_[i]);
-            std::fill(r + std::max<int64_t>(len, 0), r + kc, 0.f);
-            if (len == 0) continue;
-            const float rescale = std::exp(row_max_[i] - new_max);
-            row_sum[i] = row_sum[i] * rescale + exp_shifted(r, len, new_max);
-            row_max_[i] = new_max;
-            if (rescale != 1.f) {
-              float* oi = o + i * O.row;
-              for (int64_t d = 0; d < D; ++d) oi[d] *= rescale;
-            }
-          }
-          gemm('N', 'N', D, rows, kc, 1.f, V.at(b, hk, n), V.row, p, kb, 1.f, o + i0 * O.row, O.row);
-        }
-      }
-      for (int64_t i = 0; i < qb; ++i) {
-        if (row_sum[i] == 0.f) continue;  // no key seen, before or now
-        const float inv = 1.f / row_sum[i];
-        float* oi = o + i * O.row;
-        for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
-        l[i * LSE.row] = row_max_[i] + std::log(row_sum[i]);
-      }
-    }
+  check(out, "out", q.sizes(), q.scalar_type()), check(lse, "lse", q.sizes().slice(0, 3), q.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_forward_", [&] {
+    forward_impl<scalar_t>(q, k, v, out, lse, causal, scale_);
   });
 }
 
@@ -165,68 +257,12 @@ void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                      const at::Tensor& dv, bool causal, double scale_) {
   check_qkv(q, k, v);
-  check(dout, "dout", q.sizes()), check(out, "out", q.sizes()), check(lse, "lse", q.sizes().slice(0, 3));
-  check(dq, "dq", q.sizes()), check(dk, "dk", k.sizes()), check(dv, "dv", k.sizes());
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  const int64_t group = H / Hkv;
-  const float scale = static_cast<float>(scale_);
-  const Strided Q(q), K(k), V(v), dO(dout), O(out), LSE(lse), dQ(dq), dK(dk), dV(dv);
-
-  // One task per (batch, kv head): it owns that head's dK/dV, so tasks never write the same memory.
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p_buf(kQueryTile * kKeyTile), dp_buf(kQueryTile * kKeyTile), delta(L);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, hk = task % Hkv;
-      float* dk_h = dK.at(b, hk);
-      float* dv_h = dV.at(b, hk);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t i = 0; i < L; ++i) {  // delta_i = dO_i . O_i, accumulated in double
-          const float *a = dO.at(b, h, i), *c = O.at(b, h, i);
-          double s = 0.0;
-          for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * c[d];
-          delta[i] = static_cast<float>(s);
-        }
-        const float* lse_h = LSE.at(b, h);
-        float* dq_h = dQ.at(b, h);
-        for (int64_t m = 0; m < L; m += kQueryTile) {
-          const int64_t qb = std::min(kQueryTile, L - m);
-          const int64_t num_keys = causal ? std::min(m + qb, S) : S;
-          for (int64_t n = 0; n < num_keys; n += kKeyTile) {
-            const int64_t kb = std::min(kKeyTile, num_keys - n);
-            const bool crosses = causal && n + kb > m + 1;
-            const int64_t slice = crosses ? kDiagonalSlice : qb;
-            for (int64_t i0 = 0; i0 < qb; i0 += slice) {
-              const int64_t i1 = std::min(qb, i0 + slice), rows = i1 - i0;
-              const int64_t kc = visible(causal, m, i1 - 1, n, kb);
-              if (kc == 0) continue;
-              float* p = p_buf.data() + i0 * kb;
-              float* dp = dp_buf.data() + i0 * kb;
-              const float* q_rows = Q.at(b, h, m + i0);
-              const float* do_rows = dO.at(b, h, m + i0);
-              gemm('T', 'N', kc, rows, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, 0.f, p, kb);  // scores
-              gemm('T', 'N', kc, rows, D, 1.f, V.at(b, hk, n), V.row, do_rows, dO.row, 0.f, dp, kb);  // dO V^T
-              for (int64_t i = i0; i < i1; ++i) {  // P = exp(scores - lse), dS = P * (dP - delta)
-                float* pr = p + (i - i0) * kb;
-                float* dpr = dp + (i - i0) * kb;
-                const int64_t len = visible(causal, m, i, n, kb);
-                exp_shifted(pr, len, lse_h[(m + i) * LSE.row]);
-                std::fill(pr + len, pr + kc, 0.f);
-                const Vec dl(delta[m + i]);
-                int64_t j = 0;
-                for (; j + Vec::size() <= kc; j += Vec::size()) {
-                  (Vec::loadu(pr + j) * (Vec::loadu(dpr + j) - dl)).store(dpr + j);
-                }
-                for (; j < kc; ++j) dpr[j] = pr[j] * (dpr[j] - delta[m + i]);
-              }
-              // dV += P^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-              gemm('N', 'T', D, kc, rows, 1.f, do_rows, dO.row, p, kb, 1.f, dv_h + n * dV.row, dV.row);
-              gemm('N', 'N', D, rows, kc, scale, K.at(b, hk, n), K.row, dp, kb, 1.f, dq_h + (m + i0) * dQ.row, dQ.row);
-              gemm('N', 'T', D, kc, rows, scale, q_rows, Q.row, dp, kb, 1.f, dk_h + n * dK.row, dK.row);
-            }
-          }
-        }
-      }
-    }
+  const auto dtype = q.scalar_type();
+  check(dout, "dout", q.sizes(), dtype), check(out, "out", q.sizes(), dtype);
+  check(lse, "lse", q.sizes().slice(0, 3), dtype);
+  check(dq, "dq", q.sizes(), dtype), check(dk, "dk", k.sizes(), dtype), check(dv, "dv", k.sizes(), dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "flash_backward_", [&] {
+    backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, causal, scale_);
   });
 }
 
