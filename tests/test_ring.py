@@ -227,17 +227,20 @@ def test_head_groups_keep_each_query_head_with_its_kv_head():
     assert head_slices(4, 1, 1) == [(slice(0, 4), slice(0, 1))]
 
 
-def test_default_head_groups_leave_no_cpu_thread_idle():
-    from striped_attention.ring import _head_groups
+def test_default_head_groups_bound_the_block_in_flight_and_leave_no_cpu_thread_idle():
+    from striped_attention.ring import GROUP_BYTES, _head_groups
 
+    tokens = GROUP_BYTES // (2 * 8 * 64 * 4)  # 8 kv heads x 64 x float32: K/V of exactly GROUP_BYTES
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert _head_groups(None, torch.empty(1, 8, 4, 2), world_size=2) == 4
-        assert _head_groups(None, torch.empty(1, 2, 4, 2), world_size=2) == 2
-        assert _head_groups(None, torch.empty(1, 8, 4, 2), world_size=1) == 1
+        assert _head_groups(None, torch.empty(1, 8, tokens, 64), world_size=2) == 1
+        assert _head_groups(None, torch.empty(1, 8, tokens + 1, 64), world_size=2) == 2
+        assert _head_groups(None, torch.empty(1, 8, 4 * tokens, 64), world_size=2) == 4
+        assert _head_groups(None, torch.empty(1, 8, 9 * tokens, 64), world_size=2) == 8  # at most kv_heads
+        assert _head_groups(None, torch.empty(1, 8, 4 * tokens, 64), world_size=1) == 1
         torch.set_num_threads(4)
-        assert _head_groups(None, torch.empty(1, 8, 4, 2), world_size=2) == 2  # 4 (batch, kv head) pairs each
-        assert _head_groups(3, torch.empty(1, 8, 4, 2), world_size=2) == 3
+        assert _head_groups(None, torch.empty(1, 8, 4 * tokens, 64), world_size=2) == 2  # 4 pairs per group
+        assert _head_groups(3, torch.empty(1, 8, 4, 64), world_size=2) == 3
     finally:
         torch.set_num_threads(threads)

@@ -57,8 +57,9 @@ def ring_attention(
             ``"reference"`` (pure PyTorch; any device and dtype).
         head_groups: run the ring once per group of kv heads (and their query heads), one group after the
             other: 1/head_groups of the K/V and dK/dV blocks are in flight at a time, and each group's dK/dV
-            travel home while the next group computes. None: up to 4 groups on a ring of several ranks,
-            fewer where a group would have fewer (batch, kv head) pairs than CPU threads.
+            travel home while the next group computes. None: on a ring of several ranks, enough groups
+            that each group's K/V block is at most 16 MiB, but none with fewer (batch, kv head) pairs than
+            CPU threads.
 
     Returns:
         (batch, heads, local_seq, head_dim) with q's dtype: this rank's output, differentiable in q, k, v.
@@ -76,18 +77,21 @@ def ring_attention(
     return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend, groups)
 
 
-DEFAULT_HEAD_GROUPS = 4
+GROUP_BYTES = 16 * 2**20  # by default, the K/V of one head group in flight stays about this small
 
 
 def _head_groups(requested: int | None, k: torch.Tensor, world_size: int) -> int:
-    """``requested``, checked; by default up to DEFAULT_HEAD_GROUPS on a ring of several ranks, fewer where a
-    group would have fewer (batch, kv head) pairs than CPU threads (the CPU backward runs one per thread)."""
+    """``requested``, checked. By default, on a ring of several ranks: enough groups that each group's K/V
+    block is at most GROUP_BYTES (blocks that small travel whole), but no group with fewer (batch, kv head)
+    pairs than CPU threads (the CPU backward runs one pair per thread)."""
     batch, kv_heads = k.shape[:2]
     if requested is None:
         if world_size == 1:
             return 1
+        kv_block_bytes = 2 * k.numel() * k.element_size()
         threads = torch.get_num_threads() if k.device.type == "cpu" else 1
-        return max(1, min(kv_heads, DEFAULT_HEAD_GROUPS, batch * kv_heads // threads))
+        wanted = -(-kv_block_bytes // GROUP_BYTES)
+        return max(1, min(kv_heads, wanted, batch * kv_heads // threads))
     if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= kv_heads:
         raise ValueError(f"head_groups must be an int from 1 to kv_heads ({kv_heads}), got {requested!r}")
     return requested
