@@ -2,10 +2,13 @@
 
 Queries stay put. At step i rank r holds the keys/values of rank s = (r - i) mod N; the transfer of the next
 block is posted before the current one is computed, so it overlaps compute. The layout says which pieces
-of the (r, s) pair to compute; the kernels compute them; the merge folds them into fp32 accumulators.
+of the (r, s) pair to compute; the kernels fold each piece into fp32 running sums (out, lse).
 
 Backward reuses the saved output and log-sum-exp: dQ accumulates locally, while dK/dV accumulate in fp32
 in a buffer that follows its K/V block around the ring (one step behind it) and finally lands on its owner.
+
+With head groups the ring runs once per group of kv heads (and their query heads), one group after the other:
+less K/V in flight, and a group's dK/dV travel home while the next group computes.
 """
 
 from __future__ import annotations
