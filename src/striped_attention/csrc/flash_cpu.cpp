@@ -134,7 +134,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const Strided<T> Q(q), K(k), V(v), O(out), LSE(lse);
 
   at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kQueryTile * kKeyTile), row_max_(kQueryTile), row_sum(kQueryTile);
+    std::vector<T> scores(std::min(kQueryTile, L) * std::min(kKeyTile, S)), row_max_(kQueryTile), row_sum(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
       const int64_t m = t * kQueryTile, qb = std::min(kQueryTile, L - m);
@@ -187,7 +187,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   using Vec = at::vec::Vectorized<T>;
   // One task per (batch, kv head): it owns that head's dK/dV, so tasks never write the same memory.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p_buf(kQueryTile * kKeyTile), dp_buf(kQueryTile * kKeyTile), delta(L);
+    const int64_t tile = std::min(kQueryTile, L) * std::min(kKeyTile, S);  // small blocks, small buffers
+    std::vector<T> p_buf(tile), dp_buf(tile), delta(L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, hk = task % Hkv;
       T* dk_h = dK.at(b, hk);
