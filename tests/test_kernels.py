@@ -61,6 +61,15 @@ def test_compiled_cpu_kernel_across_tiles_and_on_strided_views(heads, kv_heads, 
     _assert_matches_reference(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal, 0.2, 1e-5, "auto")
 
 
+def test_compiled_cpu_kernel_on_overlapping_and_single_rows():
+    q, k, v = _inputs(torch.float32, q_len=37, k_len=37)
+    flat = torch.randn(2, 2, 38 * 12, generator=torch.Generator().manual_seed(3))
+    overlapping = flat.as_strided((2, 2, 37, 24), (flat.stride(0), flat.stride(1), 12, 1))  # row i shares half of i+1
+    _assert_matches_reference(q, overlapping, v, True, 0.2, 1e-5, "auto")
+    one = q.as_strided((2, 4, 1, 24), (q.stride(0), q.stride(1), 1, 1))  # one query row, row stride 1 < 24
+    _assert_matches_reference(one, k, v, False, 0.2, 1e-5, "auto")
+
+
 def test_reference_matches_sdpa_in_float64():
     q, k, v = _inputs(torch.float64)
     out, _ = kernels.reference_forward(q, k, v, causal=True, scale=0.2)

@@ -146,9 +146,14 @@ def _own_cpu_backward(dout, q, k, v, out, lse, causal, scale):
     return dq, dk, dv
 
 
+def _rows_fit(t: torch.Tensor) -> bool:
+    """Rows the CPU kernel can read in place: each row (head_dim) contiguous, rows not overlapping."""
+    return t.stride(-1) == 1 and (t.stride(-2) >= t.shape[-1] or t.shape[-2] == 1)
+
+
 def _unit_stride(*tensors):
-    """The kernel reads rows with any stride, but each row (head_dim) must be contiguous."""
-    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+    """The kernel reads rows with any stride (a block's row slices), but not overlapping or strided rows."""
+    return tuple(t if _rows_fit(t) else t.contiguous() for t in tensors)
 
 
 def _contiguous(*tensors):
@@ -244,7 +249,7 @@ def attention_forward_(out, lse, q, k, v, *, causal: bool, scale: float, backend
     (batch, heads, q_len) hold the attention of these queries over the keys seen so far (0 and -inf where
     none), and afterwards over those keys and k too. Views (a block's rows) are updated where they lie."""
     forward, _ = _select(q, backend)
-    if forward is _own_cpu_forward and out.stride(-1) == 1:
+    if forward is _own_cpu_forward and _rows_fit(out):
         cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale)  # the merge is the kernel's
     else:
         merge_(out, lse, *forward(q, k, v, causal, scale))
@@ -254,7 +259,7 @@ def attention_backward_(dq, dk, dv, dout, q, k, v, out, lse, *, causal: bool, sc
     """Add one block's gradients into ``dq`` (like q) and ``dk``, ``dv`` (like k), in the accumulation dtype,
     in place; ``out`` and ``lse`` are the final ones of the whole ring for these queries."""
     _, backward = _select(q, backend)
-    if backward is _own_cpu_backward and all(t.stride(-1) == 1 for t in (dq, dk, dv)):
+    if backward is _own_cpu_backward and all(map(_rows_fit, (dq, dk, dv))):
         cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale)
         return
     for total, part in zip((dq, dk, dv), backward(dout, q, k, v, out, lse, causal, scale)):

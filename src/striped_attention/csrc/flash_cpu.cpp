@@ -105,15 +105,18 @@ void for_each_piece(bool causal, int64_t m, int64_t qb, int64_t S, Body&& body) 
 template <typename T>
 struct Strided {  // a (B, H, len, D) operand with unit stride along D, or a (B, H, len) one
   T* data;
-  int64_t b, h, row;
-  explicit Strided(const at::Tensor& t) : data(t.data_ptr<T>()), b(t.stride(0)), h(t.stride(1)), row(t.stride(2)) {}
+  int64_t b, h, row;  // row: the BLAS leading dimension, never below D (a single row may have any stride)
+  explicit Strided(const at::Tensor& t)
+      : data(t.data_ptr<T>()), b(t.stride(0)), h(t.stride(1)),
+        row(t.dim() == 4 && t.size(2) == 1 ? std::max(t.stride(2), t.size(3)) : t.stride(2)) {}
   T* at(int64_t bi, int64_t hi, int64_t r = 0) const { return data + bi * b + hi * h + r * row; }
 };
 
 void check(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, name, " must be a CPU tensor of dtype ", dtype);
   TORCH_CHECK(t.sizes() == shape, name, " has shape ", t.sizes(), ", expected ", shape);
-  TORCH_CHECK(t.dim() == 3 || t.stride(3) == 1, name, " needs unit stride along head_dim");
+  TORCH_CHECK(t.dim() == 3 || (t.stride(3) == 1 && (t.stride(2) >= t.size(3) || t.size(2) == 1)), name,
+              " needs contiguous, non-overlapping rows (unit stride along head_dim)");
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
