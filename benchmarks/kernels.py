@@ -5,7 +5,7 @@
 Pieces: striped's causal triangle (s <= r) and its shifted, strictly causal one (s > r), zigzag's two dense
 half blocks (s < r: all queries x first half of the keys; s > r: second half of the queries x all keys).
 A perfect kernel would give 0.5 for all four. One thread, fp32, median of repeats, pieces interleaved.
-Kernels: "torch" is torch's CPU flash kernel, "own" this package's compiled one (backend "auto" for fp32).
+Kernels: "torch" is torch's CPU flash kernel, "own" this package's compiled one (backend "auto").
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import torch
 from striped_attention import LAYOUTS, ring_attention
 from striped_attention.bench import Progress, format_rows
 from striped_attention.launch import launch
+from striped_attention.ring import check_head_groups
 
 MIB = 2**20
 TARGET = 0.6  # the per-rank peak on 2 ranks should be at most this fraction of the single process's
@@ -104,8 +105,11 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
                 p.error(f"--seq-lens {s} is not a multiple of {divisor} ({args.layout} on {n} ranks)")
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
-    if args.head_groups is not None and not 1 <= args.head_groups <= args.kv_heads:
-        p.error(f"--head-groups must be from 1 to --kv-heads ({args.kv_heads}), got {args.head_groups}")
+    if args.head_groups is not None:
+        try:
+            check_head_groups(args.head_groups, args.kv_heads)
+        except ValueError as e:
+            p.error(f"--head-groups: {e}")
     if not sys.platform.startswith("linux"):
         p.error("the CPU method reads /proc/self/status and /proc/self/clear_refs: Linux only")
 

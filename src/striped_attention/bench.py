@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .layouts import LAYOUTS, shard
-from .ring import record_steps, ring_attention
+from .ring import check_head_groups, record_steps, ring_attention
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -384,7 +384,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--head-groups", metavar="N", type=int,
                    help="split the kv heads into N groups and run the ring once per group, one after the other: "
                         "1/N of the K/V in flight, and each group's dK/dV travel home while the next computes "
-                        "(default: ring_attention's, up to 4)")
+                        "(default: ring_attention's: enough groups for K/V blocks of at most 16 MiB)")
     p.add_argument("--baseline", action="store_true",
                    help="also time one rank running torch SDPA on the whole sequence, and report scaling "
                         "efficiency = T(1 rank) / (N x T(N ranks))")
@@ -402,8 +402,8 @@ def main(args) -> int:
             raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
         cfg = BenchConfig(world_size=args.world_size, baseline=args.baseline, check=args.check,
                           head_groups=args.head_groups, **workload_fields(args))
-        if cfg.head_groups is not None and not 1 <= cfg.head_groups <= cfg.kv_heads:
-            raise ValueError(f"--head-groups must be from 1 to the kv heads ({cfg.kv_heads}), got {cfg.head_groups}")
+        if cfg.head_groups is not None:
+            check_head_groups(cfg.head_groups, cfg.kv_heads)
         for name in cfg.layouts * (not under_torchrun()):  # under torchrun the ranks check their own world
             LAYOUTS[name].check(cfg.seq_len, cfg.world_size)
     except ValueError as e:

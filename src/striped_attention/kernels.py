@@ -43,7 +43,8 @@ def _mask(q_len: int, k_len: int, device) -> torch.Tensor:
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of running sums and gradient accumulators for inputs of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -54,7 +55,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def reference_forward(q, k, v, *, causal: bool, scale: float):
     """(out, lse) for one block, computed with plain matmuls in float32 (float64 for float64 input)."""
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qf, kf, vf = q.to(acc), _expand_kv(q, k).to(acc), _expand_kv(q, v).to(acc)
     scores = qf @ kf.transpose(-1, -2) * scale
     if causal:
@@ -66,7 +67,7 @@ def reference_forward(q, k, v, *, causal: bool, scale: float):
 
 def reference_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     """(dq, dk, dv) of one block given the final out and lse; dk/dv have kv_heads heads."""
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qf, kf, vf = q.to(acc), _expand_kv(q, k).to(acc), _expand_kv(q, v).to(acc)
     do, o = dout.to(acc), out.to(acc)
     scores = qf @ kf.transpose(-1, -2) * scale
@@ -134,15 +135,24 @@ def cpu_extension():
     return _extension[0]
 
 
+def _own_cpu_forward_(out, lse, q, k, v, causal, scale):
+    """Fold the block into the sums (out, lse) in place: the kernel's online softmax is the merge."""
+    cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale)
+
+
+def _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale):
+    cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale)
+
+
 def _own_cpu_forward(q, k, v, causal, scale):
     out, lse = no_keys_seen(q)
-    cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale)
+    _own_cpu_forward_(out, lse, q, k, v, causal, scale)
     return out, lse
 
 
 def _own_cpu_backward(dout, q, k, v, out, lse, causal, scale):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale)
+    _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale)
     return dq, dk, dv
 
 
@@ -250,7 +260,7 @@ def attention_forward_(out, lse, q, k, v, *, causal: bool, scale: float, backend
     none), and afterwards over those keys and k too. Views (a block's rows) are updated where they lie."""
     forward, _ = _select(q, backend)
     if forward is _own_cpu_forward and _rows_fit(out):
-        cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale)  # the merge is the kernel's
+        _own_cpu_forward_(out, lse, q, k, v, causal, scale)
     else:
         merge_(out, lse, *forward(q, k, v, causal, scale))
 
@@ -260,7 +270,7 @@ def attention_backward_(dq, dk, dv, dout, q, k, v, out, lse, *, causal: bool, sc
     in place; ``out`` and ``lse`` are the final ones of the whole ring for these queries."""
     _, backward = _select(q, backend)
     if backward is _own_cpu_backward and all(map(_rows_fit, (dq, dk, dv))):
-        cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale)
+        _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale)
         return
     for total, part in zip((dq, dk, dv), backward(dout, q, k, v, out, lse, causal, scale)):
         total += part
@@ -268,7 +278,7 @@ def attention_backward_(dq, dk, dv, dout, q, k, v, out, lse, *, causal: bool, sc
 
 def no_keys_seen(q):
     """Running sums before any key: out = 0 (like q, in the accumulation dtype) and lse = -inf."""
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     return out, torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
 

@@ -55,8 +55,8 @@ def ring_attention(
             torch.distributed is not initialized.
         causal: causal masking over the *global* positions; False attends to the whole sequence.
         softmax_scale: scale of the scores; defaults to 1/sqrt(head_dim).
-        backend: ``"auto"`` (fused kernels: this package's compiled kernel for float32 on CPU, torch's
-            otherwise; the reference where none fits), ``"torch"`` (torch's fused kernels only) or
+        backend: ``"auto"`` (fused kernels: this package's compiled kernel for float32 and float64 on
+            CPU, torch's otherwise; the reference where none fits), ``"torch"`` (torch's fused kernels only) or
             ``"reference"`` (pure PyTorch; any device and dtype).
         head_groups: run the ring once per group of kv heads (and their query heads), one group after the
             other: 1/head_groups of the K/V and dK/dV blocks are in flight at a time, and each group's dK/dV
@@ -95,9 +95,14 @@ def _head_groups(requested: int | None, k: torch.Tensor, world_size: int) -> int
         threads = torch.get_num_threads() if k.device.type == "cpu" else 1
         wanted = -(-kv_block_bytes // GROUP_BYTES)
         return max(1, min(kv_heads, wanted, batch * kv_heads // threads))
+    check_head_groups(requested, kv_heads)
+    return requested
+
+
+def check_head_groups(requested, kv_heads: int) -> None:
+    """ValueError unless ``requested`` is an int from 1 to ``kv_heads`` (the command lines check it too)."""
     if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= kv_heads:
         raise ValueError(f"head_groups must be an int from 1 to kv_heads ({kv_heads}), got {requested!r}")
-    return requested
 
 
 def source_rank(rank: int, step: int, world_size: int) -> int:
@@ -308,16 +313,12 @@ def ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: floa
         out, lse = _forward_ring(q, k, v, layout, ring, causal, scale, backend)
         return out.to(q.dtype), lse
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=_acc_dtype(q), device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=kernels.acc_dtype(q.dtype), device=q.device)
     for heads, kv_heads in groups:
         out[:, heads], lse[:, heads] = _forward_ring(
             q[:, heads], k[:, kv_heads], v[:, kv_heads], layout, ring, causal, scale, backend
         )
     return out, lse
-
-
-def _acc_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
@@ -371,7 +372,7 @@ def _land(dk, dv, kv_heads: slice, going_home: Transfer) -> None:
 def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
     """One pass around the ring: dq in the accumulation dtype, and a Transfer that brings this rank's own
     dK/dV home (in flight from the previous rank after the last step; already here on a ring of one)."""
-    acc = _acc_dtype(q)
+    acc = kernels.acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv, grads_in_flight, clock = (k, v), None, _StepClock("backward", q.device)
     for step in range(ring.size):
