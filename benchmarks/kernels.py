@@ -1,11 +1,13 @@
 """What one ring step costs on this machine's kernel: each piece a layout asks for, relative to a full block.
 
     python benchmarks/kernels.py                  # 2,048 / 4,096 / 8,192 tokens per rank, 8 heads, head_dim 64
+    python benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 8192 16384 32768 --heads 32 --head-dim 128
 
 Pieces: striped's causal triangle (s <= r) and its shifted, strictly causal one (s > r), zigzag's two dense
 half blocks (s < r: all queries x first half of the keys; s > r: second half of the queries x all keys).
-A perfect kernel would give 0.5 for all four. One thread, fp32, median of repeats, pieces interleaved.
-Kernels: "torch" is torch's CPU flash kernel, "own" this package's compiled one (backend "auto").
+A perfect kernel would give 0.5 for all four. Median of repeats, pieces interleaved; on CPU one thread.
+Kernels: on CPU "torch" is torch's flash kernel, "own" this package's compiled one (backend "auto"); on CUDA
+torch's "flash" (FlashAttention-2), "cudnn" and "efficient" (memory-efficient) kernels.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import torch
 
 from striped_attention import kernels
 
-KERNELS = {"torch": "torch", "own": "auto"}  # table name -> kernels backend
+KERNELS = {"torch": "torch", "own": "auto", "flash": "flash", "cudnn": "cudnn", "efficient": "efficient"}  # -> backend
+DEFAULT = {"cpu": ["torch", "own"], "cuda": ["flash", "cudnn"]}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> None:
@@ -27,16 +35,27 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=8, help="heads")
     p.add_argument("--head-dim", type=int, default=64, help="channels per head")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
-    p.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS), help="kernels to time")
+    p.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=None,
+                   help="kernels to time (default: torch and own on CPU, flash and cudnn on CUDA)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="q/k/v dtype (default: %(default)s)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    if "own" in args.kernels and kernels.cpu_extension() is None:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    names = args.kernels or DEFAULT[device.type]
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU here")
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.dtype}")
+    else:
+        torch.set_num_threads(1)
+    if "own" in names and kernels.cpu_extension() is None:
         raise SystemExit("the compiled CPU kernel is unavailable here (see the warning above)")
     print("| tokens per rank | kernel | pass | full block ms | striped s<=r | striped s>r | zigzag s<r | zigzag s>r |")
     print("|---:|---|---|---:|---:|---:|---:|---:|")
-    for c, kernel in ((c, kernel) for c in args.tokens for kernel in args.kernels):
+    for c, kernel in ((c, kernel) for c in args.tokens for kernel in names):
         backend = KERNELS[kernel]
-        q, k, v, dout = (torch.randn(1, args.heads, c, args.head_dim) for _ in range(4))
+        q, k, v, dout = (torch.randn(1, args.heads, c, args.head_dim).to(device, dtype) for _ in range(4))
         h, scale = c // 2, kernels.default_scale(args.head_dim)
         out, lse = kernels.attention_forward(q, k, v, causal=True, scale=scale, backend=backend)
         pieces = {  # (query rows, key rows, causal)
@@ -59,13 +78,15 @@ def main(argv=None) -> None:
             times = {piece: [] for piece in pieces}
             for rep in range(args.repeats + 1):
                 for piece, spec in pieces.items():
+                    _sync(device)
                     start = time.perf_counter()
                     fn(*spec)
+                    _sync(device)
                     if rep:
                         times[piece].append(time.perf_counter() - start)
             ms = {piece: statistics.median(t) * 1e3 for piece, t in times.items()}
             ratios = " | ".join(f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:])
-            print(f"| {c} | {kernel} | {name} | {ms['full']:.0f} | {ratios} |", flush=True)
+            print(f"| {c} | {kernel} | {name} | {ms['full']:.2f} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -55,11 +55,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def sharded_run(layout, dtype, q, k, v, dout, **kwargs):
-    """Shard, run ring attention forward+backward, unshard: (out, dq, dk, dv) over the whole sequence."""
+def sharded_run(layout, dtype, q, k, v, dout, device="cpu", **kwargs):
+    """Shard, run ring attention forward+backward on ``device``, unshard on the CPU: (out, dq, dk, dv) over the
+    whole sequence."""
     from striped_attention import ring_attention
 
-    local = [shard(t, layout=layout, dim=2).to(dtype).requires_grad_() for t in (q, k, v)]
+    local = [shard(t, layout=layout, dim=2).to(device, dtype).requires_grad_() for t in (q, k, v)]
     out = ring_attention(*local, layout=layout, **kwargs)
-    out.backward(shard(dout, layout=layout, dim=2).to(dtype))
-    return tuple(unshard(t, layout=layout, dim=2) for t in (out.detach(), *(t.grad for t in local)))
+    out.backward(shard(dout, layout=layout, dim=2).to(device, dtype))
+    return tuple(unshard(t.cpu(), layout=layout, dim=2) for t in (out.detach(), *(t.grad for t in local)))

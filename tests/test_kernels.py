@@ -139,22 +139,46 @@ def test_unknown_backend():
         kernels.attention_forward(q, k, v, causal=True, scale=1.0, backend="triton")
 
 
-@pytest.mark.parametrize(
-    "pair, dtype",
-    [("flash", torch.bfloat16), ("flash", torch.float16), ("efficient", torch.bfloat16), ("efficient", torch.float32)],
-)
-def test_cuda_kernel_calls_fit_torch_op_schemas(pair, dtype):
+CUDA_CASES = [("flash", torch.bfloat16), ("flash", torch.float16), ("efficient", torch.float32),
+              ("cudnn", torch.bfloat16), ("cudnn", torch.float16)]
+
+
+@pytest.mark.parametrize("name, dtype", CUDA_CASES)
+@pytest.mark.parametrize("rows", [(slice(1, 37), slice(0, 36)), (slice(0, 37), slice(0, 20)), (slice(0, 9), slice(0, 37))],
+                         ids=["shifted", "q>k", "q<k"])
+def test_cuda_kernel_calls_fit_torch_op_schemas(name, dtype, rows):
     """No GPU here: the CUDA paths run on meta tensors through torch's shape functions for those ops, which
-    checks argument order, the lse shape (the efficient kernel pads it), GQA folding and dtypes."""
-    forward, backward = {
-        "flash": (kernels._cuda_flash_forward, kernels._cuda_flash_backward),
-        "efficient": (kernels._cuda_efficient_forward, kernels._cuda_efficient_backward),
-    }[pair]
+    checks argument order, the lse shape (efficient pads it, cuDNN adds a dimension), GQA folding, dtypes and
+    the square pieces of a non-square causal block. tests/test_cuda.py checks the values on a GPU."""
+    forward, backward = kernels.CUDA_KERNELS[name]
     q = torch.empty(2, 4, 37, 64, device="meta", dtype=dtype)
     k = torch.empty(2, 2, 37, 64, device="meta", dtype=dtype)
-    qs, ks = q[:, :, 1:], k[:, :, :-1]  # striped's shifted block
+    qs, ks = q[:, :, rows[0]], k[:, :, rows[1]]
     out, lse = forward(qs, ks, ks, True, 0.1)
     assert out.shape == qs.shape and out.dtype == dtype
     assert lse.shape == qs.shape[:3] and lse.dtype == torch.float32
     dq, dk, dv = backward(out, qs, ks, ks, out, lse, True, 0.1)
     assert dq.shape == qs.shape and dk.shape == ks.shape and dv.shape == ks.shape
+    assert dq.dtype == dk.dtype == dv.dtype == dtype
+
+
+def test_causal_pieces_cover_the_top_left_mask():
+    for q_len, k_len in [(5, 5), (3, 7), (7, 3), (1, 4), (4, 1)]:
+        mask = torch.zeros(q_len, k_len, dtype=torch.bool)
+        for qs, ks, causal in kernels._causal_pieces(q_len, k_len):
+            piece = torch.ones(qs.stop - qs.start, ks.stop - ks.start, dtype=torch.bool)
+            assert not mask[qs, ks].any()  # pieces do not overlap
+            mask[qs, ks] = piece.tril() if causal else piece
+            assert not causal or piece.shape[0] == piece.shape[1]  # causal pieces are square
+        assert torch.equal(mask, torch.ones(q_len, k_len, dtype=torch.bool).tril())
+
+
+def test_named_cuda_backend_refuses_inputs_it_cannot_take():
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="'flash' is a CUDA kernel"):
+        kernels.attention_forward(q, q, q, causal=True, scale=1.0, backend="flash")
+    fits = kernels.cuda_kernel_fits
+    meta = lambda dtype, d: torch.empty(1, 1, 4, d, dtype=dtype, device="meta")  # noqa: E731
+    assert fits("flash", meta(torch.bfloat16, 256)) and not fits("flash", meta(torch.bfloat16, 260))
+    assert not fits("flash", meta(torch.float32, 64)) and not fits("cudnn", meta(torch.float32, 64))
+    assert fits("efficient", meta(torch.float32, 20)) and not fits("efficient", meta(torch.bfloat16, 64))

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from .kernels import BACKENDS, CUDA_KERNELS
 from .layouts import LAYOUTS, shard
 from .ring import check_head_groups, record_steps, ring_attention
 
@@ -44,6 +45,7 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     head_groups: int | None = None  # ring_attention's head_groups; None is its default
+    backend: str = "auto"  # ring_attention's kernel backend
 
 
 @dataclass
@@ -108,10 +110,12 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
         ql, kl, vl, dl = local[name]
         if backward:
             ql, kl, vl = (t.detach().requires_grad_() for t in (ql, kl, vl))
-            ring_attention(ql, kl, vl, layout=name, causal=cfg.causal, head_groups=cfg.head_groups).backward(dl)
+            ring_attention(ql, kl, vl, layout=name, causal=cfg.causal, head_groups=cfg.head_groups,
+                           backend=cfg.backend).backward(dl)
             return ql.grad, kl.grad, vl.grad
         with torch.no_grad():
-            return ring_attention(ql, kl, vl, layout=name, causal=cfg.causal, head_groups=cfg.head_groups)
+            return ring_attention(ql, kl, vl, layout=name, causal=cfg.causal, head_groups=cfg.head_groups,
+                                  backend=cfg.backend)
 
     def baseline(backward):
         if rank != 0:  # the others idle at the barrier: one rank's resources, as the definition asks
@@ -346,6 +350,9 @@ def add_workload_arguments(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device, help="device (default: %(default)s)")
     p.add_argument("--seed", metavar="N", type=int, default=defaults.seed,
                    help="seed of the random inputs (default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
+                   help="block kernels: auto (the fastest that fits), torch (torch's only), reference (pure "
+                        "PyTorch), or one of torch's CUDA kernels: flash, efficient, cudnn (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--plot", metavar="PATH.png", help="draw the per-rank timeline to PATH.png (needs matplotlib)")
 
@@ -361,12 +368,14 @@ def workload_fields(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.backend in CUDA_KERNELS and args.device != "cuda":
+        raise ValueError(f"--backend {args.backend} is a CUDA kernel: add --device cuda")
     kv_heads = args.kv_heads or args.heads
     if kv_heads < 1 or args.heads % kv_heads:
         raise ValueError(f"--heads ({args.heads}) must be a positive multiple of --kv-heads ({kv_heads})")
     return dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
                 head_dim=args.head_dim, dtype=args.dtype, layouts=args.layouts, passes=PASS_CHOICES[args.pass_],
-                repeats=args.repeats, warmup=args.warmup, device=args.device, seed=args.seed)
+                repeats=args.repeats, warmup=args.warmup, device=args.device, seed=args.seed, backend=args.backend)
 
 
 def add_parser(subparsers) -> None:

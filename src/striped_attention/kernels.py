@@ -24,7 +24,9 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
-BACKENDS = ("auto", "torch", "reference")  # "torch": only torch's own fused kernels (no compiled CPU kernel)
+# "torch": only torch's own fused kernels (no compiled CPU kernel); "flash", "efficient", "cudnn": that one of
+# torch's CUDA kernels (a ValueError where it does not take the inputs)
+BACKENDS = ("auto", "torch", "reference", "flash", "efficient", "cudnn")
 
 
 def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -176,35 +178,44 @@ def _cuda_rng_placeholders(device):
     return zero, zero
 
 
-# The CUDA ops get contiguous operands (a block's row slices are views); this path has not run on a GPU here.
+# CUDA: torch's flash (FlashAttention-2), memory-efficient and cuDNN kernels. Each computes a square or dense
+# block; a causal block with q_len != k_len is cut into square and dense pieces first (_top_left_causal), since
+# the kernels do not agree on where such a mask is aligned.
 
 
-def _cuda_flash_forward(q, k, v, causal, scale):
-    q, k, v = _contiguous(q, k, v)
+def _unit_rows(*tensors):
+    """The flash and cuDNN kernels read any view whose rows (head_dim) are contiguous: a block's row slices (the
+    shifted ones too) as they are, with no copy."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+def _flash_forward(q, k, v, causal, scale):
+    q, k, v = _unit_rows(q, k, v)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     out, lse, *_ = aten._scaled_dot_product_flash_attention(q, ke, ve, 0.0, causal, False, scale=scale)
     return out, lse
 
 
-def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
-    dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out = _unit_rows(dout, q, k, v, out)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
-    empty = torch.empty(0, dtype=torch.int32, device=q.device)
     seed, offset = _cuda_rng_placeholders(q.device)
+    # No cumulative sequence lengths (None, as the forward returns them): the dense, not the varlen, kernel.
     dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-        dout, q, ke, ve, out, lse, empty, empty, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale
+        dout, q, ke, ve, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset,
+        scale=scale,
     )
     return dq, _fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])
 
 
-def _cuda_efficient_forward(q, k, v, causal, scale):
+def _efficient_forward(q, k, v, causal, scale):
     q, k, v = _contiguous(q, k, v)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, ke, ve, None, True, 0.0, causal, scale=scale)
     return out, lse[..., : q.shape[2]]  # the kernel pads lse's length to a multiple of 32
 
 
-def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
+def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
     dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     seed, offset = _cuda_rng_placeholders(q.device)
@@ -214,6 +225,87 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
         scale=scale,
     )
     return dq, _fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])
+
+
+def _cudnn_forward(q, k, v, causal, scale):
+    q, k, v = _unit_rows(q, k, v)
+    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
+    out, lse, *_ = aten._scaled_dot_product_cudnn_attention(q, ke, ve, None, True, 0.0, causal, False, scale=scale)
+    return out, lse.view(q.shape[:3])  # cuDNN's statistics are (batch, heads, q_len, 1)
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out = _unit_rows(dout, q, k, v, out)
+    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
+    seed, offset = _cuda_rng_placeholders(q.device)
+    dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, ke, ve, out, lse.contiguous().unsqueeze(-1), seed, offset, None, None, None, q.shape[2],
+        k.shape[2], 0.0, causal, scale=scale,
+    )
+    return dq, _fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])
+
+
+def _causal_pieces(q_len: int, k_len: int) -> list[tuple[slice, slice, bool]]:
+    """A top-left causal (q_len, k_len) block as (q rows, k rows, causal) pieces that are square or dense."""
+    if q_len <= k_len:  # keys past the last query are never seen
+        return [(slice(0, q_len), slice(0, q_len), True)]
+    return [(slice(0, k_len), slice(0, k_len), True), (slice(k_len, q_len), slice(0, k_len), False)]
+
+
+def _top_left_causal(forward, backward):
+    """The (forward, backward) pair, with non-square causal blocks computed as square and dense pieces."""
+
+    def square(q, k, causal):
+        return not causal or q.shape[2] == k.shape[2]
+
+    def forward_(q, k, v, causal, scale):
+        if square(q, k, causal):
+            return forward(q, k, v, causal, scale)
+        parts = [forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], c, scale)
+                 for qs, ks, c in _causal_pieces(q.shape[2], k.shape[2])]
+        return tuple(torch.cat(piece, dim=2) for piece in zip(*parts))
+
+    def backward_(dout, q, k, v, out, lse, causal, scale):
+        if square(q, k, causal):
+            return backward(dout, q, k, v, out, lse, causal, scale)
+        dq = []
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+        for qs, ks, c in _causal_pieces(q.shape[2], k.shape[2]):
+            dq_p, dk_p, dv_p = backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                        lse[:, :, qs], c, scale)
+            dq.append(dq_p)
+            dk[:, :, ks] += dk_p
+            dv[:, :, ks] += dv_p
+        return torch.cat(dq, dim=2), dk.to(k.dtype), dv.to(v.dtype)
+
+    return forward_, backward_
+
+
+CUDA_KERNELS = {
+    "flash": _top_left_causal(_flash_forward, _flash_backward),
+    "efficient": _top_left_causal(_efficient_forward, _efficient_backward),
+    "cudnn": _top_left_causal(_cudnn_forward, _cudnn_backward),
+}
+
+
+def cuda_kernel_fits(name: str, q: torch.Tensor) -> bool:
+    """Whether torch's CUDA kernel ``name`` takes q's dtype and head_dim."""
+    half, head_dim = q.dtype in (torch.float16, torch.bfloat16), q.shape[-1]
+    if name == "flash":
+        return half and head_dim <= 256 and head_dim % 8 == 0
+    if name == "cudnn":
+        return half and head_dim <= 128 and head_dim % 8 == 0 and torch.backends.cudnn.is_available()
+    # The memory-efficient kernel: float32 only. Its 16-bit backward gave wrong dQ and dK (relative error 0.1 to
+    # 0.8, forward and dV right) on an H100 with torch 2.11 in tests/test_cuda.py; flash and cuDNN cover 16-bit.
+    return q.dtype == torch.float32 and head_dim % 4 == 0
+
+
+def _cuda_preference(device) -> tuple[str, ...]:
+    """The CUDA kernels "auto" tries, fastest first: on Hopper and later cuDNN's, which uses the chip's own
+    matrix instructions (2x FlashAttention-2's speed on an H100, README); before, FlashAttention-2."""
+    if torch.cuda.get_device_capability(device)[0] >= 9:
+        return "cudnn", "flash", "efficient"
+    return "flash", "efficient"
 
 
 def _reference_forward(q, k, v, causal, scale):
@@ -230,15 +322,19 @@ def _select(q: torch.Tensor, backend: str):
         return _reference_forward, _reference_backward
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in CUDA_KERNELS:
+        if q.device.type != "cuda" or not cuda_kernel_fits(backend, q):
+            raise ValueError(f"backend {backend!r} is a CUDA kernel for other inputs than {q.dtype} with head_dim "
+                             f"{q.shape[-1]} on {q.device.type}; use 'auto'")
+        return CUDA_KERNELS[backend]
     if q.device.type == "cpu":
         if q.dtype in (torch.float32, torch.float64) and backend != "torch" and cpu_extension() is not None:
             return _own_cpu_forward, _own_cpu_backward
         return _cpu_forward, _cpu_backward
     if q.device.type == "cuda":
-        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
-            return _cuda_flash_forward, _cuda_flash_backward
-        if q.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            return _cuda_efficient_forward, _cuda_efficient_backward
+        for name in _cuda_preference(q.device):
+            if cuda_kernel_fits(name, q):
+                return CUDA_KERNELS[name]
     return _reference_forward, _reference_backward
 
 

@@ -56,8 +56,10 @@ def ring_attention(
         causal: causal masking over the *global* positions; False attends to the whole sequence.
         softmax_scale: scale of the scores; defaults to 1/sqrt(head_dim).
         backend: ``"auto"`` (fused kernels: this package's compiled kernel for float32 and float64 on
-            CPU, torch's otherwise; the reference where none fits), ``"torch"`` (torch's fused kernels only) or
-            ``"reference"`` (pure PyTorch; any device and dtype).
+            CPU; on CUDA cuDNN's (Hopper and later) or FlashAttention-2 for 16-bit inputs, the
+            memory-efficient kernel for float32; the reference where none fits), ``"torch"`` (torch's fused
+            kernels only), ``"reference"`` (pure PyTorch; any device and dtype), or one of torch's CUDA
+            kernels by name: ``"flash"``, ``"efficient"``, ``"cudnn"``.
         head_groups: run the ring once per group of kv heads (and their query heads), one group after the
             other: 1/head_groups of the K/V and dK/dV blocks are in flight at a time, and each group's dK/dV
             travel home while the next group computes. None: on a ring of several ranks, enough groups
@@ -227,15 +229,18 @@ class Transfer:
     the simulator plays every rank in one process by handing the engine a ring of its own.
     """
 
-    def __init__(self, requests, received, sent=()):
+    def __init__(self, requests, received, sent=(), land_on: torch.device | None = None):
         self._requests, self._received = requests, received
         self._sent = sent  # kept alive until the transfer is done
+        self._land_on = land_on  # the device the tensors go to once here (None: where they were received)
 
     def wait(self) -> tuple[torch.Tensor, ...]:
         for request in self._requests:
             request.wait()
         self._sent = ()
-        return self._received
+        if self._land_on is None:
+            return self._received
+        return tuple(t.to(self._land_on) for t in self._received)
 
 
 class _Ring:
@@ -251,14 +256,21 @@ class _Ring:
         self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
+        # gloo sends host memory only: on a gloo ring, GPU blocks travel through the host (ranks that share one
+        # GPU, as in tests; NCCL is the fast way)
+        self.via_host = dist.get_backend(self.group) == "gloo"
 
     def shift(self, tensors: tuple[torch.Tensor, ...], tag: int) -> Transfer:
         """Send ``tensors`` to the next rank and receive the previous rank's, without blocking."""
         tensors = tuple(t.contiguous() for t in tensors)
+        device = tensors[0].device
+        via_host = self.via_host and device.type != "cpu"
+        if via_host:
+            tensors = tuple(t.cpu() for t in tensors)
         received = tuple(torch.empty_like(t) for t in tensors)
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in received]
-        return Transfer(dist.batch_isend_irecv(ops), received, tensors)
+        return Transfer(dist.batch_isend_irecv(ops), received, tensors, device if via_host else None)
 
     def check_consistent(self, q, k, layout, causal, scale, head_groups) -> None:
         """Raise the same ValueError on every rank if the ranks disagree; once per new signature."""

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The CUDA checks and benchmarks on one GPU, in one go: what the README's GPU section comes from.
+#
+#   bash benchmarks/cuda.sh [OUT_DIR]      # default OUT_DIR: $OUT, else ./out
+#
+# Runs with the python3 on PATH (a CUDA build of torch; this package from src/, nothing installed):
+#   1. the CUDA tests (tests/test_cuda.py): kernels, the ring on the GPU, simulated ranks, ranks sharing it;
+#   2. what each layout's pieces cost on the GPU's kernel (benchmarks/kernels.py, bf16);
+#   3. `simulate`: 8 virtual ranks on the GPU, forward and forward+backward, every layout (bf16), on the cuDNN
+#      and on the FlashAttention-2 kernel;
+#   4. `simulate` sweep over 2..16 ranks at 8,192 tokens per rank (forward, the default kernel);
+#   5. `bench` on one rank (NCCL): the ring of one against torch SDPA on the whole sequence.
+# Each step has its own time limit and log; a failed step does not stop the others. The summary is last.
+# STEPS="tests kernels" runs only the steps named.
+set -u
+out=${1:-${OUT:-out}}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+status=()
+
+step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.txt, remember the exit status
+    local name=$1 limit=$2
+    shift 2
+    [[ -z ${STEPS:-} || " $STEPS " == *" $name "* ]] || return 0
+    echo "== $name: $*"
+    local start=$SECONDS
+    # progress lines (redrawn with \r) are left out of the log
+    timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -Ev '^(simulate|bench): [0-9]+/[0-9]+ ' | tee "$out/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    status+=("$name rc=$rc $((SECONDS - start))s")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
+    | tee -a "$out/gpu.txt"
+
+step tests 150 $py -m pytest -q --tb=short -p no:cacheprovider tests/test_cuda.py
+step kernels 60 $py benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 8192 16384 32768 \
+    --heads 32 --head-dim 128 --repeats 10
+for backend in cudnn flash; do
+    step simulate-$backend 100 $py -m striped_attention.cli simulate --device cuda --dtype bfloat16 --world-size 8 \
+        --seq-len 131072 --heads 32 --head-dim 128 --pass both --repeats 5 --backend $backend
+done
+step sweep 60 $py -m striped_attention.cli simulate --device cuda --dtype bfloat16 --world-sizes 2,4,8,16 \
+    --tokens-per-rank 8192 --heads 32 --head-dim 128 --repeats 3
+step bench1 60 $py -m striped_attention.cli bench --device cuda --world-size 1 --dtype bfloat16 \
+    --seq-len 32768 --heads 32 --head-dim 128 --layouts striped --baseline --repeats 10 --check
+
+echo "== summary"
+printf '%s\n' "${status[@]}" | tee "$out/summary.txt"

@@ -1,0 +1,149 @@
+"""On a CUDA GPU (skipped without one): the CUDA kernels, the ring on one GPU, simulated ranks on it, and real
+ranks sharing it over gloo, each against float64 attention on the whole sequence.
+
+One GPU cannot host an NCCL ring of several ranks (NCCL refuses two ranks on one device), so the multi-rank
+test runs gloo ranks whose tensors live on the GPU: everything but the transport is the CUDA path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ranks import full_inputs, reference, relative_error, run_ranks, sharded_run
+from striped_attention import LAYOUTS, kernels, positions, ring_attention
+from striped_attention.bench import random_inputs
+from striped_attention.simulate import SimConfig, simulate
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+KERNEL_CASES = [("flash", torch.bfloat16), ("flash", torch.float16), ("cudnn", torch.bfloat16),
+                ("cudnn", torch.float16), ("efficient", torch.float32)]
+
+
+def _block_inputs(dtype, q_len, k_len, heads=4, kv_heads=2, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, q_len, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, k_len, d, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    return tuple(t.to(dtype).double() for t in (q, k, v, dout))  # values the low-precision run sees exactly
+
+
+def test_auto_picks_the_fastest_kernel_that_fits():
+    q = torch.zeros(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert kernels._select(q, "auto") is kernels.CUDA_KERNELS["cudnn" if hopper else "flash"]
+    assert kernels._select(q.float(), "auto") is kernels.CUDA_KERNELS["efficient"]
+    assert kernels._select(q.double(), "auto")[0] is kernels._reference_forward
+
+
+@pytest.mark.parametrize("name, dtype", KERNEL_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in KERNEL_CASES])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "rows",
+    [  # (q rows, k rows) of 300-token tensors: square, striped's shifted block (strided views), non-square
+        (slice(0, 300), slice(0, 300)),
+        (slice(1, 300), slice(0, 299)),
+        (slice(0, 120), slice(0, 300)),
+        (slice(0, 300), slice(0, 77)),
+    ],
+    ids=["square", "shifted", "q<k", "q>k"],
+)
+def test_cuda_kernels_match_float64(name, dtype, causal, rows):
+    """Forward (out, lse) and backward (dq, dk, dv, from the exact out and lse) of one block, GQA."""
+    qs, ks = rows
+    q, k, v, dout = (t[:, :, s] for t, s in zip(_block_inputs(dtype, 300, 300), (qs, ks, ks, qs)))
+    scale = 0.125
+    out_w, lse_w = kernels.reference_forward(q, k, v, causal=causal, scale=scale)
+    want = kernels.reference_backward(dout, q, k, v, out_w, lse_w, causal=causal, scale=scale)
+    dev = [t.to("cuda", dtype) for t in (q, k, v, dout)]
+    out, lse = kernels.attention_forward(*dev[:3], causal=causal, scale=scale, backend=name)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    grads = kernels.attention_backward(dev[3], *dev[:3], out_w.to("cuda", dtype), lse_w.float().cuda(),
+                                       causal=causal, scale=scale, backend=name)
+    assert all(g.dtype == dtype for g in grads)
+    errors = {what: relative_error(got.cpu(), exact)
+              for what, got, exact in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_w, *want))}
+    errors["lse"] = ((lse.cpu().double() - lse_w).abs().max() / lse_w.abs().max()).item()
+    assert max(errors.values()) <= TOL[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_blocks_fold_into_row_views(dtype):
+    """attention_forward_/attention_backward_ over two key blocks into row views of the sums give the whole."""
+    q, k, v, dout = _block_inputs(dtype, 256, 256)
+    out_w, lse_w = kernels.reference_forward(q, k, v, causal=False, scale=0.2)
+    rows, blocks = slice(64, 256), (slice(128, 256), slice(0, 128))
+    want = kernels.reference_backward(dout[:, :, rows], q[:, :, rows], k, v, out_w[:, :, rows], lse_w[:, :, rows],
+                                      causal=False, scale=0.2)
+    qd, kd, vd, dd = (t.to("cuda", dtype) for t in (q, k, v, dout))
+    out, lse = kernels.no_keys_seen(qd)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (qd, kd, vd))
+    for part in blocks:
+        kernels.attention_forward_(out[:, :, rows], lse[:, :, rows], qd[:, :, rows], kd[:, :, part], vd[:, :, part],
+                                   causal=False, scale=0.2)
+    for part in blocks:
+        kernels.attention_backward_(dq[:, :, rows], dk[:, :, part], dv[:, :, part], dd[:, :, rows], qd[:, :, rows],
+                                    kd[:, :, part], vd[:, :, part], out[:, :, rows].to(dtype), lse[:, :, rows],
+                                    causal=False, scale=0.2)
+    assert torch.equal(out[:, :, :64].cpu(), torch.zeros(out[:, :, :64].shape))  # rows outside the view untouched
+    assert relative_error(out[:, :, rows].cpu(), out_w[:, :, rows]) <= TOL[dtype]
+    for got, exact in zip((dq[:, :, rows], dk, dv), want):
+        assert relative_error(got.cpu(), exact) <= TOL[dtype]
+
+
+RING_CASES = [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "flash"), (torch.float16, "cudnn")]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype, backend", RING_CASES, ids=[f"{str(d)[6:]}-{b}" for d, b in RING_CASES])
+def test_ring_of_one_on_cuda(layout, dtype, backend):
+    q, k, v, dout = full_inputs(0, 2, 4, 2, 256, 64)
+    want = reference(q, k, v, dout, True, None)
+    local = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, layout=layout, backend=backend)
+    out.backward(dout.to("cuda", dtype))
+    got = (out.detach(), *(t.grad for t in local))
+    assert all(g.dtype == dtype and g.is_cuda for g in got)
+    errors = [relative_error(g.cpu(), w) for g, w in zip(got, want)]
+    assert max(errors) <= TOL[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_simulated_ranks_on_cuda(dtype):
+    """4 virtual ranks of every layout on the GPU: each rank's output and dQ are those of the whole sequence."""
+    cfg = SimConfig(world_size=4, seq_len=512, batch=1, heads=4, kv_heads=2, head_dim=64, dtype=dtype,
+                    passes=("fwd+bwd",), repeats=1, warmup=0, device="cuda")
+    _, outputs = simulate(cfg, keep_outputs=True)
+    q, k, v, dout = (t.double() for t in random_inputs(cfg, torch.device("cpu")))
+    out, dq, _, _ = reference(q, k, v, dout, True, None)
+    for name in LAYOUTS:
+        outs, dqs = outputs[(name, "fwd+bwd")]
+        for rank in range(cfg.world_size):
+            index = positions(cfg.seq_len, layout=name, rank=rank, world_size=cfg.world_size)
+            assert relative_error(outs[rank].cpu(), out[:, :, index]) <= TOL[getattr(torch, dtype)]
+            assert relative_error(dqs[rank].cpu(), dq[:, :, index]) <= TOL[getattr(torch, dtype)]
+
+
+SHARED_GPU_CASES = [(name, causal, dtype) for name in sorted(LAYOUTS) for causal in (True, False)
+                    for dtype in ("float32", "bfloat16")]
+
+
+def run_on_shared_gpu():
+    """On each gloo rank, tensors on cuda:0: relative errors (out, dq, dk, dv) of every case."""
+    errors = {}
+    for name, causal, dtype in SHARED_GPU_CASES:
+        q, k, v, dout = full_inputs(0, 2, 4, 2, 384, 64)
+        want = reference(q, k, v, dout, causal, None)
+        got = sharded_run(name, getattr(torch, dtype), q, k, v, dout, device="cuda", causal=causal)
+        errors[(name, causal, dtype)] = [relative_error(g, w) for g, w in zip(got, want)]
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_sharing_the_gpu(world):
+    """The whole engine on the GPU, K/V and dK/dV travelling the ring (through the host: gloo)."""
+    for rank_errors in run_ranks(run_on_shared_gpu, world):
+        for (name, causal, dtype), errors in rank_errors.items():
+            assert max(errors) <= TOL[getattr(torch, dtype)], (name, causal, dtype, errors)
