@@ -22,12 +22,10 @@ KERNEL_CASES = [("flash", torch.bfloat16), ("flash", torch.float16), ("cudnn", t
                 ("cudnn", torch.float16), ("efficient", torch.float32)]
 
 
-def _block_inputs(dtype, q_len, k_len, heads=4, kv_heads=2, d=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, heads, q_len, d, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, kv_heads, k_len, d, generator=g, dtype=torch.float64) for _ in range(2))
-    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
-    return tuple(t.to(dtype).double() for t in (q, k, v, dout))  # values the low-precision run sees exactly
+def _block_inputs(dtype, seq):
+    """float64 q, k, v, dout (GQA: 4 heads, 2 kv heads, head_dim 64) holding values ``dtype`` represents
+    exactly, so the low-precision run and the reference see the same numbers."""
+    return tuple(t.to(dtype).double() for t in full_inputs(0, 2, 4, 2, seq, 64))
 
 
 def test_auto_picks_the_fastest_kernel_that_fits():
@@ -53,7 +51,7 @@ def test_auto_picks_the_fastest_kernel_that_fits():
 def test_cuda_kernels_match_float64(name, dtype, causal, rows):
     """Forward (out, lse) and backward (dq, dk, dv, from the exact out and lse) of one block, GQA."""
     qs, ks = rows
-    q, k, v, dout = (t[:, :, s] for t, s in zip(_block_inputs(dtype, 300, 300), (qs, ks, ks, qs)))
+    q, k, v, dout = (t[:, :, s] for t, s in zip(_block_inputs(dtype, 300), (qs, ks, ks, qs)))
     scale = 0.125
     out_w, lse_w = kernels.reference_forward(q, k, v, causal=causal, scale=scale)
     want = kernels.reference_backward(dout, q, k, v, out_w, lse_w, causal=causal, scale=scale)
@@ -72,7 +70,7 @@ def test_cuda_kernels_match_float64(name, dtype, causal, rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_blocks_fold_into_row_views(dtype):
     """attention_forward_/attention_backward_ over two key blocks into row views of the sums give the whole."""
-    q, k, v, dout = _block_inputs(dtype, 256, 256)
+    q, k, v, dout = _block_inputs(dtype, 256)
     out_w, lse_w = kernels.reference_forward(q, k, v, causal=False, scale=0.2)
     rows, blocks = slice(64, 256), (slice(128, 256), slice(0, 128))
     want = kernels.reference_backward(dout[:, :, rows], q[:, :, rows], k, v, out_w[:, :, rows], lse_w[:, :, rows],

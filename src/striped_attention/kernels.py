@@ -12,6 +12,7 @@ with those, the gradient of each block is exact and local (no second forward pas
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -164,7 +165,8 @@ def _rows_fit(t: torch.Tensor) -> bool:
 
 
 def _unit_stride(*tensors):
-    """The kernel reads rows with any stride (a block's row slices), but not overlapping or strided rows."""
+    """The operands as the CPU kernel and torch's flash and cuDNN kernels read them: a block's row slices (the
+    shifted ones too) as they lie, without a copy; overlapping or strided rows copied."""
     return tuple(t if _rows_fit(t) else t.contiguous() for t in tensors)
 
 
@@ -183,21 +185,15 @@ def _cuda_rng_placeholders(device):
 # the kernels do not agree on where such a mask is aligned.
 
 
-def _unit_rows(*tensors):
-    """The flash and cuDNN kernels read any view whose rows (head_dim) are contiguous: a block's row slices (the
-    shifted ones too) as they are, with no copy."""
-    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
-
-
 def _flash_forward(q, k, v, causal, scale):
-    q, k, v = _unit_rows(q, k, v)
+    q, k, v = _unit_stride(q, k, v)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     out, lse, *_ = aten._scaled_dot_product_flash_attention(q, ke, ve, 0.0, causal, False, scale=scale)
     return out, lse
 
 
 def _flash_backward(dout, q, k, v, out, lse, causal, scale):
-    dout, q, k, v, out = _unit_rows(dout, q, k, v, out)
+    dout, q, k, v, out = _unit_stride(dout, q, k, v, out)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     seed, offset = _cuda_rng_placeholders(q.device)
     # No cumulative sequence lengths (None, as the forward returns them): the dense, not the varlen, kernel.
@@ -228,14 +224,14 @@ def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 def _cudnn_forward(q, k, v, causal, scale):
-    q, k, v = _unit_rows(q, k, v)
+    q, k, v = _unit_stride(q, k, v)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     out, lse, *_ = aten._scaled_dot_product_cudnn_attention(q, ke, ve, None, True, 0.0, causal, False, scale=scale)
     return out, lse.view(q.shape[:3])  # cuDNN's statistics are (batch, heads, q_len, 1)
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
-    dout, q, k, v, out = _unit_rows(dout, q, k, v, out)
+    dout, q, k, v, out = _unit_stride(dout, q, k, v, out)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     seed, offset = _cuda_rng_placeholders(q.device)
     dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
@@ -300,9 +296,11 @@ def cuda_kernel_fits(name: str, q: torch.Tensor) -> bool:
     return q.dtype == torch.float32 and head_dim % 4 == 0
 
 
-def _cuda_preference(device) -> tuple[str, ...]:
+@functools.lru_cache(maxsize=None)
+def _cuda_preference(device: torch.device) -> tuple[str, ...]:
     """The CUDA kernels "auto" tries, fastest first: on Hopper and later cuDNN's, which uses the chip's own
-    matrix instructions (2x FlashAttention-2's speed on an H100, README); before, FlashAttention-2."""
+    matrix instructions (1.7-1.9x FlashAttention-2's speed on an H100, README); before, FlashAttention-2.
+    Cached per device: it is asked for every block."""
     if torch.cuda.get_device_capability(device)[0] >= 9:
         return "cudnn", "flash", "efficient"
     return "flash", "efficient"
