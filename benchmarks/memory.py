@@ -7,7 +7,8 @@ SDPA (flash attention for CPU) on the whole sequence in one process.
 Method (CPU). Every measurement runs in fresh processes started by the launcher, one thread each, and glibc
 serves every allocation of 64 KiB or more with its own mmap (MALLOC_MMAP_THRESHOLD_), so a freed tensor
 leaves the resident set at once and the resident set follows the live tensors. Each process
-  1. warms up with a small forward + backward, so one-time allocations (kernels, connections) are not counted;
+  1. warms up with a forward + backward of 512 tokens per rank (the CPU kernel's full tile), so one-time
+     allocations (kernels, connections, BLAS's buffers) are not counted;
   2. reads its resident set size (VmRSS in /proc/self/status) and resets the kernel's high-water mark of it
      (writes 5 to /proc/self/clear_refs);
   3. creates its inputs (the whole sequence for the single process, its S/N tokens for a rank), runs forward
@@ -80,7 +81,9 @@ def _forward_backward(cfg: MemoryConfig, local_len: int) -> None:
 
 def peak_bytes(cfg: MemoryConfig) -> int:
     """On each rank: the peak resident memory of one forward + backward, in bytes (see the module docstring)."""
-    _forward_backward(cfg, 64 * cfg.world_size)  # warm-up; a multiple of every layout's divisor per rank
+    # warm-up at the CPU kernel's full tile size (512 keys), so that BLAS's one-time buffers for it are not
+    # counted either; a multiple of every layout's divisor per rank
+    _forward_backward(cfg, 512 * cfg.world_size)
     gc.collect()
     before = _status_kib("VmRSS")
     _reset_peak()

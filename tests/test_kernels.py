@@ -61,6 +61,20 @@ def test_compiled_cpu_kernel_across_tiles_and_on_strided_views(heads, kv_heads, 
     _assert_matches_reference(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal, 0.2, 1e-5, "auto")
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize(
+    "q_len, k_len, d",
+    [(263, 263, 24),  # a last tile of 7 rows; head_dim a vector and a half (float32), three vectors (float64)
+     (600, 300, 72),  # causal: the second tile's diagonal square is 44 keys wide, later rows see every key
+     (300, 600, 100),  # more keys than queries; head_dim 64 + 36 (a partial last vector)
+     (520, 520, 128)],  # two chunks of 4 vectors of head_dim per strip
+)
+def test_compiled_cpu_kernel_diagonal_squares(q_len, k_len, d, dtype, tol):
+    """The register-blocked products on the causal diagonal, at every strip height and head_dim tail."""
+    q, k, v = _inputs(dtype, 2, 1, q_len, k_len, d)
+    _assert_matches_reference(q, k, v, True, 0.2, tol, "auto")
+
+
 def test_compiled_cpu_kernel_on_overlapping_and_single_rows():
     q, k, v = _inputs(torch.float32, q_len=37, k_len=37)
     flat = torch.randn(2, 2, 38 * 12, generator=torch.Generator().manual_seed(3))

@@ -4,11 +4,13 @@
 // Every operand may be strided, with unit stride along D; all share one dtype. Causal masking is top-left
 // aligned: query i sees keys 0..i.
 //
-// Same tiling as torch's CPU flash kernel (256 queries x 512 keys, BLAS for the products, an online softmax
-// in between), with one difference that matters to ring attention: where a tile crosses the diagonal, it is
-// computed in slices of 64 queries, each over only the keys it can see. torch's kernel computes the whole
-// 256 x 512 tile there, so a causal block costs it about 0.5 + 256 / L of a full block; here it costs about
-// 0.5 + 32 / L, and a striped ring, which computes a causal block at every step, runs near the dense rate.
+// Tiled like torch's CPU flash kernel: 256 queries at a time, against 512 keys at a time, BLAS for the
+// products, an online softmax in between. Under a causal mask a query tile [m, m + 256) sees the keys before m
+// whole (dense chunks, BLAS) and a triangle of the 256 keys after m: the diagonal square. That square is where
+// causal blocks lose time - torch's kernel computes it whole, twice its work - and a striped ring has one in
+// every step's block, where zigzag has dense rectangles. Here register-blocked products compute it strip by
+// strip, each strip only as far as its last row sees, at about BLAS speed: a causal block costs about half a
+// full one (benchmarks/kernels.py measures it).
 #include <torch/extension.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 // Fortran BLAS, as torch's CPU library exports it (MKL or OpenBLAS).
@@ -30,9 +33,11 @@ extern "C" void dgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 512;
-constexpr int64_t kDiagonalSlice = 64;  // query rows per slice where a tile crosses the diagonal
 
 // Column-major BLAS: c (m x n) = alpha * op(a) * op(b) + beta * c. A row-major (r x s) matrix with leading
 // dimension ld is the column-major (s x r) matrix with the same ld, so row-major products are written
@@ -50,57 +55,191 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
 
 template <typename T>
 T row_max(const T* row, int64_t len) {
-  using Vec = at::vec::Vectorized<T>;
-  Vec acc(-std::numeric_limits<T>::infinity());
+  using V = Vec<T>;
+  V acc(-std::numeric_limits<T>::infinity());
   int64_t j = 0;
-  for (; j + Vec::size() <= len; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(row + j));
+  for (; j + V::size() <= len; j += V::size()) acc = at::vec::maximum(acc, V::loadu(row + j));
   if (j < len) {
-    acc = at::vec::maximum(acc, Vec::set(acc, Vec::loadu(row + j, len - j), len - j));
+    acc = at::vec::maximum(acc, V::set(acc, V::loadu(row + j, len - j), len - j));
   }
-  return at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, acc);
+  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return at::vec::maximum(x, y); }, acc);
 }
 
 // row[0:len] <- exp(row[0:len] - shift); returns their sum.
 template <typename T>
 T exp_shifted(T* row, int64_t len, T shift) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec s(shift);
-  Vec acc(T(0));
+  using V = Vec<T>;
+  const V s(shift);
+  V acc(T(0));
   int64_t j = 0;
-  for (; j + Vec::size() <= len; j += Vec::size()) {
-    Vec e = (Vec::loadu(row + j) - s).exp_u20();
+  for (; j + V::size() <= len; j += V::size()) {
+    V e = (V::loadu(row + j) - s).exp_u20();
     e.store(row + j);
     acc = acc + e;
   }
   if (j < len) {
-    Vec e = (Vec::loadu(row + j, len - j) - s).exp_u20();
+    V e = (V::loadu(row + j, len - j) - s).exp_u20();
     e.store(row + j, len - j);
-    acc = acc + Vec::set(Vec(T(0)), e, len - j);
+    acc = acc + V::set(V(T(0)), e, len - j);
   }
-  return at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
+  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
 }
 
-// The keys [n, n + kb) of a tile that query m + i sees: all kb, or fewer on the causal diagonal.
-inline int64_t visible(bool causal, int64_t m, int64_t i, int64_t n, int64_t kb) {
-  return causal ? std::clamp<int64_t>(m + i - n + 1, 0, kb) : kb;
+// ---------------------------------------------------------------------------------------------------------
+// The tile on the causal diagonal. Query tile rows [m, m + qb) against keys [m, m + kw): row i sees keys
+// 0..i of it. BLAS would compute the whole square (twice the work) or thin slices of it (slow shapes), so
+// these register-blocked products compute it strip by strip, each strip only as far as its last row sees:
+// about half the square's work at BLAS speed. Rows of P (and dS) are kept valid - true value or zero - up to
+// kPad keys past the row's last visible key, so strips of up to kPad + 1 rows may read them whole.
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr int kScoreRows = 8;  // queries per strip of a score product, against kPanel vectors of keys
+constexpr int kPanel = 2;
+constexpr int kStripRows = 6;  // outputs per strip of an accumulating product, against 4 vectors of D
+constexpr int64_t kPad = kStripRows - 1;
+
+template <typename T>
+int64_t round_up(int64_t x) {
+  return (x + Vec<T>::size() - 1) / Vec<T>::size() * Vec<T>::size();
 }
 
-// Calls body(n, kb, i0, i1, kc) for each piece of work of the query tile [m, m + qb) against S keys: key
-// tiles [n, n + kb), each for rows [i0, i1) of the query tile over the tile's first kc keys (those its last
-// row sees; earlier rows may see fewer, which the body masks). Off the diagonal a piece is the whole tile;
-// on it, a slice of kDiagonalSlice rows, so no row computes more than kDiagonalSlice keys it does not see.
-template <typename Body>
-void for_each_piece(bool causal, int64_t m, int64_t qb, int64_t S, Body&& body) {
-  const int64_t num_keys = causal ? std::min(m + qb, S) : S;
-  for (int64_t n = 0; n < num_keys; n += kKeyTile) {
-    const int64_t kb = std::min(kKeyTile, num_keys - n);
-    const int64_t slice = causal && n + kb > m + 1 ? kDiagonalSlice : qb;
-    for (int64_t i0 = 0; i0 < qb; i0 += slice) {
-      const int64_t i1 = std::min(qb, i0 + slice), kc = visible(causal, m, i1 - 1, n, kb);
-      if (kc > 0) body(n, kb, i0, i1, kc);
+// Calls f(std::integral_constant<int, n>) for a run-time n in [1, Max]: register blocks of every size compile.
+template <int Max, typename F>
+void with_constant(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return with_constant<Max - 1>(n, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+// Panels of b^T for strip_scores: keys [c * P, (c + 1) * P) of b's first `cols` rows (row stride ldb), P =
+// kPanel vectors, go to panel c, a (D x P) row-major block at bt + c * D * P, so a strip streams through
+// it; zeros after cols.
+template <typename T>
+void pack_panels(const T* b, int64_t ldb, int64_t cols, int64_t D, T* bt) {
+  constexpr int64_t W = Vec<T>::size(), P = kPanel * W;
+  auto at = [&](int64_t j, int64_t d) { return bt + (j / P) * D * P + d * P + j % P; };
+  if (cols % P) {  // the last panel's columns after cols
+    for (int64_t d = 0; d < D; ++d) std::fill(at(cols, d), at(cols - cols % P, d) + P, T(0));
+  }
+  int64_t j = 0;
+  for (; j + W <= cols; j += W) {
+    int64_t d = 0;
+    for (; d + W <= D; d += W) at::vec::transpose_mxn<T, W, W>(b + j * ldb + d, ldb, at(j, d), P);
+    for (; d < D; ++d)
+      for (int64_t jj = j; jj < j + W; ++jj) *at(jj, d) = b[jj * ldb + d];
+  }
+  for (; j < cols; ++j)
+    for (int64_t d = 0; d < D; ++d) *at(j, d) = b[j * ldb + d];
+}
+
+// s[r][0, w) = scale * a[r] . b[0, w) for R rows of a (row stride lda), b packed by pack_panels; w a multiple
+// of the vector size. Accumulators: R x kPanel vectors.
+template <typename T, int R>
+void strip_scores(const T* a, int64_t lda, const T* bt, int64_t D, int64_t w, T scale, T* s, int64_t lds) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> sc(scale);
+  for (int64_t j = 0; j < w; j += kPanel * W, bt += D * kPanel * W) {
+    with_constant<kPanel>(std::min<int64_t>(kPanel, (w - j) / W), [&](auto NV) {
+      Vec<T> acc[R][NV];
+      for (int r = 0; r < R; ++r) for (int c = 0; c < NV; ++c) acc[r][c] = Vec<T>(T(0));
+      for (int64_t d = 0; d < D; ++d) {
+        Vec<T> bv[NV];
+        for (int c = 0; c < NV; ++c) bv[c] = Vec<T>::loadu(bt + d * kPanel * W + c * W);
+        for (int r = 0; r < R; ++r) {
+          const Vec<T> x(a[r * lda + d]);
+          for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(x, bv[c], acc[r][c]);
+        }
+      }
+      for (int r = 0; r < R; ++r) for (int c = 0; c < NV; ++c) (acc[r][c] * sc).store(s + r * lds + j + c * W);
+    });
+  }
+}
+
+// One chunk of NV vectors of D (the last one `tail` wide unless Whole) of out[r] += sum_j p[r * ldp + j * ldj] x[j],
+// for R outputs r and `count` terms j: P x with ldj = 1 (rows of P), P^T x with ldp = 1 (columns of P).
+template <typename T, int R, int NV, bool Whole>
+void strip_chunk(const T* p, int64_t ldp, int64_t ldj, const T* x, int64_t ldx, int64_t count, int64_t tail,
+                 T* out, int64_t ldo) {
+  constexpr int64_t W = Vec<T>::size();
+  auto load = [tail](const T* ptr, int c) {
+    return Whole || c + 1 < NV ? Vec<T>::loadu(ptr) : Vec<T>::loadu(ptr, tail);
+  };
+  Vec<T> acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = load(out + r * ldo + c * W, c);
+  for (int64_t j = 0; j < count; ++j) {
+    Vec<T> xs[NV];
+    for (int c = 0; c < NV; ++c) xs[c] = load(x + j * ldx + c * W, c);
+    for (int r = 0; r < R; ++r) {
+      const Vec<T> pr(p[r * ldp + j * ldj]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(pr, xs[c], acc[r][c]);
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) {
+      if (Whole || c + 1 < NV) acc[r][c].store(out + r * ldo + c * W);
+      else acc[r][c].store(out + r * ldo + c * W, tail);
+    }
 }
+
+// out[r][0, D) += sum_{j < count} p[r * ldp + j * ldj] x[j][0, D), for R outputs, D in chunks of 4 vectors.
+template <typename T, int R>
+void strip_accumulate(const T* p, int64_t ldp, int64_t ldj, const T* x, int64_t ldx, int64_t count, int64_t D,
+                      T* out, int64_t ldo) {
+  constexpr int64_t W = Vec<T>::size();
+  for (int64_t d = 0; d < D; d += 4 * W) {
+    const int64_t left = std::min<int64_t>(D - d, 4 * W), nv = (left + W - 1) / W, tail = left - (nv - 1) * W;
+    auto chunk = [&](auto nv_, auto whole) {
+      strip_chunk<T, R, decltype(nv_)::value, decltype(whole)::value>(p, ldp, ldj, x + d, ldx, count, tail, out + d, ldo);
+    };
+    using Whole = std::true_type;
+    if (nv == 4 && tail == W) chunk(std::integral_constant<int, 4>{}, Whole{});
+    else with_constant<4>(nv, [&](auto nv_) { chunk(nv_, std::false_type{}); });
+  }
+}
+
+// s (qb x lds) <- scale * a b^T on the diagonal: row i of a (qb rows) against rows [0, min(i + 1, kw)) of b,
+// computed at least that far (whole vectors). bt: scratch of panel_size(D, kw).
+template <typename T>
+void diagonal_scores(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t qb, int64_t kw, int64_t D, T scale,
+                     T* s, int64_t lds, T* bt) {
+  pack_panels(b, ldb, kw, D, bt);
+  for (int64_t r0 = 0; r0 < qb; r0 += kScoreRows) {
+    const int64_t rows = std::min<int64_t>(kScoreRows, qb - r0), w = round_up<T>(std::min(kw, r0 + rows));
+    with_constant<kScoreRows>(rows, [&](auto R) {
+      strip_scores<T, R>(a + r0 * lda, lda, bt, D, w, scale, s + r0 * lds, lds);
+    });
+  }
+}
+
+// out[i] += sum_j p[i][j] x[j] on the diagonal (row i of p is valid up to min(i + 1 + kPad, kw) keys).
+template <typename T>
+void diagonal_rows_times(const T* p, int64_t ldp, const T* x, int64_t ldx, int64_t qb, int64_t kw, int64_t D, T* out,
+                         int64_t ldo) {
+  for (int64_t r0 = 0; r0 < qb; r0 += kStripRows) {
+    const int64_t rows = std::min<int64_t>(kStripRows, qb - r0), count = std::min(kw, r0 + rows);
+    with_constant<kStripRows>(rows, [&](auto R) {
+      strip_accumulate<T, R>(p + r0 * ldp, ldp, 1, x, ldx, count, D, out + r0 * ldo, ldo);
+    });
+  }
+}
+
+// out[j] += sum_i p[i][j] x[i] on the diagonal: key j gets rows i >= j.
+template <typename T>
+void diagonal_transposed_times(const T* p, int64_t ldp, const T* x, int64_t ldx, int64_t qb, int64_t kw, int64_t D,
+                               T* out, int64_t ldo) {
+  for (int64_t j0 = 0; j0 < kw; j0 += kStripRows) {
+    const int64_t keys = std::min<int64_t>(kStripRows, kw - j0);
+    with_constant<kStripRows>(keys, [&](auto R) {
+      strip_accumulate<T, R>(p + j0 * ldp + j0, 1, ldp, x + j0 * ldx, ldx, qb - j0, D, out + j0 * ldo, ldo);
+    });
+  }
+}
+
+// The keys of the causal diagonal row i sees, and how far its row of P is kept valid.
+inline int64_t diagonal_len(int64_t i, int64_t kw) { return std::min(i + 1, kw); }
+inline int64_t diagonal_valid(int64_t i, int64_t kw) { return std::min(i + 1 + kPad, kw); }
 
 template <typename T>
 struct Strided {  // a (B, H, len, D) operand with unit stride along D, or a (B, H, len) one
@@ -128,16 +267,47 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "heads must be a multiple of kv_heads");
 }
 
+// A scratch buffer of n elements starting on a cache line, so whole-vector loads never straddle two.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : storage_(n + 64 / sizeof(T)) {
+    void* p = storage_.data();
+    size_t space = storage_.size() * sizeof(T);
+    data_ = static_cast<T*>(std::align(64, n * sizeof(T), p, space));
+  }
+  T* data() const { return data_; }
+
+ private:
+  std::vector<T> storage_;
+  T* data_;
+};
+
+// The elements of the panels diagonal_scores packs kw keys into (kw rounded up to whole panels, times D).
+template <typename T>
+int64_t panel_size(int64_t D, int64_t kw) {
+  return D * (round_up<T>(kw) + kPanel * Vec<T>::size());
+}
+
+// The keys [0, dense) every query of the tile [m, m + qb) sees whole, and the width of the diagonal square
+// after them (its first row sees one key of it, its last min(qb, kw)). Without a mask: every key, no square.
+inline int64_t dense_keys(bool causal, int64_t m, int64_t S) { return causal ? std::min(m, S) : S; }
+inline int64_t diagonal_keys(bool causal, int64_t m, int64_t qb, int64_t S) {
+  return causal ? std::clamp<int64_t>(S - m, 0, qb) : 0;
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, bool causal, double scale_) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   const int64_t group = H / k.size(1), tiles = (L + kQueryTile - 1) / kQueryTile;
+  const int64_t ld = round_up<T>(std::min(kKeyTile, S));  // score rows; the diagonal is narrower (kQueryTile)
   const T scale = static_cast<T>(scale_);
   const Strided<T> Q(q), K(k), V(v), O(out), LSE(lse);
 
   at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(std::min(kQueryTile, L) * std::min(kKeyTile, S)), row_max_(kQueryTile), row_sum(kQueryTile);
+    Scratch<T> scores(std::min(kQueryTile, L) * ld), packed(panel_size<T>(D, std::min(kQueryTile, S)));
+    std::vector<T> row_max_(kQueryTile), row_sum(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
       const int64_t m = t * kQueryTile, qb = std::min(kQueryTile, L - m);
@@ -147,26 +317,36 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         row_max_[i] = l[i * LSE.row];
         row_sum[i] = row_max_[i] == -std::numeric_limits<T>::infinity() ? T(0) : T(1);  // out has weight 1
       }
-      for_each_piece(causal, m, qb, S, [&](int64_t n, int64_t kb, int64_t i0, int64_t i1, int64_t kc) {
-        const int64_t rows = i1 - i0;
-        T* p = scores.data() + i0 * kb;
-        gemm('T', 'N', kc, rows, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m + i0), Q.row, T(0), p, kb);
-        for (int64_t i = i0; i < i1; ++i) {
-          T* r = p + (i - i0) * kb;
-          const int64_t len = visible(causal, m, i, n, kb);
-          std::fill(r + len, r + kc, T(0));
-          if (len == 0) continue;
-          const T new_max = std::max(row_max_[i], row_max(r, len));
+      // The online softmax over the scores of row i's first len(i) keys; zeros after them, up to valid(i).
+      auto fold = [&](auto len, auto valid) {
+        for (int64_t i = 0; i < qb; ++i) {
+          T* r = scores.data() + i * ld;
+          const int64_t n = len(i);
+          const T new_max = std::max(row_max_[i], row_max(r, n));
           const T rescale = std::exp(row_max_[i] - new_max);
-          row_sum[i] = row_sum[i] * rescale + exp_shifted(r, len, new_max);
+          row_sum[i] = row_sum[i] * rescale + exp_shifted(r, n, new_max);
           row_max_[i] = new_max;
           if (rescale != T(1)) {
             T* oi = o + i * O.row;
             for (int64_t d = 0; d < D; ++d) oi[d] *= rescale;
           }
+          std::fill(r + n, r + valid(i), T(0));
         }
-        gemm('N', 'N', D, rows, kc, T(1), V.at(b, hk, n), V.row, p, kb, T(1), o + i0 * O.row, O.row);
-      });
+      };
+      const int64_t dense = dense_keys(causal, m, S), kw = diagonal_keys(causal, m, qb, S);
+      for (int64_t n = 0; n < dense; n += kKeyTile) {
+        const int64_t kb = std::min(kKeyTile, dense - n);
+        auto all = [kb](int64_t) { return kb; };
+        gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m), Q.row, T(0), scores.data(), ld);
+        fold(all, all);
+        gemm('N', 'N', D, qb, kb, T(1), V.at(b, hk, n), V.row, scores.data(), ld, T(1), o, O.row);
+      }
+      if (kw > 0) {
+        diagonal_scores(Q.at(b, h, m), Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, scores.data(), ld,
+                        packed.data());
+        fold([kw](int64_t i) { return diagonal_len(i, kw); }, [kw](int64_t i) { return diagonal_valid(i, kw); });
+        diagonal_rows_times(scores.data(), ld, V.at(b, hk, m), V.row, qb, kw, D, o, O.row);
+      }
       for (int64_t i = 0; i < qb; ++i) {
         if (row_sum[i] == T(0)) continue;  // no key seen, before or now
         const T inv = T(1) / row_sum[i];
@@ -183,15 +363,16 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                    const at::Tensor& dv, bool causal, double scale_) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  const int64_t group = H / Hkv;
+  const int64_t group = H / Hkv, ld = round_up<T>(std::min(kKeyTile, S));
   const T scale = static_cast<T>(scale_);
   const Strided<T> Q(q), K(k), V(v), dO(dout), O(out), LSE(lse), dQ(dq), dK(dk), dV(dv);
 
-  using Vec = at::vec::Vectorized<T>;
   // One task per (batch, kv head): it owns that head's dK/dV, so tasks never write the same memory.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tile = std::min(kQueryTile, L) * std::min(kKeyTile, S);  // small blocks, small buffers
-    std::vector<T> p_buf(tile), dp_buf(tile), delta(L);
+    const int64_t tile = std::min(kQueryTile, L) * ld;  // small blocks, small buffers
+    Scratch<T> p_buf(tile), ds_buf(tile), packed(panel_size<T>(D, std::min(kQueryTile, S)));
+    std::vector<T> delta(L);
+    T *p = p_buf.data(), *ds = ds_buf.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, hk = task % Hkv;
       T* dk_h = dK.at(b, hk);
@@ -203,37 +384,51 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * c[d];
           delta[i] = static_cast<T>(s);
         }
-        const T* lse_h = LSE.at(b, h);
-        T* dq_h = dQ.at(b, h);
         for (int64_t m = 0; m < L; m += kQueryTile) {
           const int64_t qb = std::min(kQueryTile, L - m);
-          for_each_piece(causal, m, qb, S, [&](int64_t n, int64_t kb, int64_t i0, int64_t i1, int64_t kc) {
-            const int64_t rows = i1 - i0;
-            T* p = p_buf.data() + i0 * kb;
-            T* dp = dp_buf.data() + i0 * kb;
-            const T* q_rows = Q.at(b, h, m + i0);
-            const T* do_rows = dO.at(b, h, m + i0);
-            gemm('T', 'N', kc, rows, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, kb);  // scores
-            gemm('T', 'N', kc, rows, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), dp, kb);  // dO V^T
-            for (int64_t i = i0; i < i1; ++i) {  // P = exp(scores - lse), dS = P * (dP - delta)
-              T* pr = p + (i - i0) * kb;
-              T* dpr = dp + (i - i0) * kb;
-              const int64_t len = visible(causal, m, i, n, kb);
-              exp_shifted(pr, len, lse_h[(m + i) * LSE.row]);
-              std::fill(pr + len, pr + kc, T(0));
-              const Vec dl(delta[m + i]);
+          const T* q_rows = Q.at(b, h, m);
+          const T* do_rows = dO.at(b, h, m);
+          const T* lse_rows = LSE.at(b, h, m);
+          T* dq_rows = dQ.at(b, h, m);
+          // From scores (p) and dO V^T (ds), for row i's first len(i) keys: P = exp(scores - lse) and
+          // dS = scale * P * (dP - delta); zeros after them, up to valid(i).
+          auto gradients = [&](auto len, auto valid) {
+            for (int64_t i = 0; i < qb; ++i) {
+              T* pr = p + i * ld;
+              T* dsr = ds + i * ld;
+              const int64_t n = len(i);
+              exp_shifted(pr, n, lse_rows[i * LSE.row]);
+              const T di = delta[m + i];
+              const Vec<T> dl(di), sc(scale);
               int64_t j = 0;
-              for (; j + Vec::size() <= kc; j += Vec::size()) {
-                (Vec::loadu(pr + j) * (Vec::loadu(dpr + j) - dl)).store(dpr + j);
+              for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+                (Vec<T>::loadu(pr + j) * (Vec<T>::loadu(dsr + j) - dl) * sc).store(dsr + j);
               }
-              for (; j < kc; ++j) dpr[j] = pr[j] * (dpr[j] - delta[m + i]);
+              for (; j < n; ++j) dsr[j] = pr[j] * (dsr[j] - di) * scale;
+              std::fill(pr + n, pr + valid(i), T(0));
+              std::fill(dsr + n, dsr + valid(i), T(0));
             }
-            // dV += P^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-            gemm('N', 'T', D, kc, rows, T(1), do_rows, dO.row, p, kb, T(1), dv_h + n * dV.row, dV.row);
-            gemm('N', 'N', D, rows, kc, scale, K.at(b, hk, n), K.row, dp, kb, T(1), dq_h + (m + i0) * dQ.row,
-                 dQ.row);
-            gemm('N', 'T', D, kc, rows, scale, q_rows, Q.row, dp, kb, T(1), dk_h + n * dK.row, dK.row);
-          });
+          };
+          const int64_t dense = dense_keys(causal, m, S), kw = diagonal_keys(causal, m, qb, S);
+          for (int64_t n = 0; n < dense; n += kKeyTile) {
+            const int64_t kb = std::min(kKeyTile, dense - n);
+            auto all = [kb](int64_t) { return kb; };
+            gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, ld);  // scores
+            gemm('T', 'N', kb, qb, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), ds, ld);  // dO V^T
+            gradients(all, all);
+            // dV += P^T dO;  dQ += dS K;  dK += dS^T Q
+            gemm('N', 'T', D, kb, qb, T(1), do_rows, dO.row, p, ld, T(1), dv_h + n * dV.row, dV.row);
+            gemm('N', 'N', D, qb, kb, T(1), K.at(b, hk, n), K.row, ds, ld, T(1), dq_rows, dQ.row);
+            gemm('N', 'T', D, kb, qb, T(1), q_rows, Q.row, ds, ld, T(1), dk_h + n * dK.row, dK.row);
+          }
+          if (kw > 0) {
+            diagonal_scores(q_rows, Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, p, ld, packed.data());
+            diagonal_scores(do_rows, dO.row, V.at(b, hk, m), V.row, qb, kw, D, T(1), ds, ld, packed.data());
+            gradients([kw](int64_t i) { return diagonal_len(i, kw); }, [kw](int64_t i) { return diagonal_valid(i, kw); });
+            diagonal_transposed_times(p, ld, do_rows, dO.row, qb, kw, D, dv_h + m * dV.row, dV.row);
+            diagonal_rows_times(ds, ld, K.at(b, hk, m), K.row, qb, kw, D, dq_rows, dQ.row);
+            diagonal_transposed_times(ds, ld, q_rows, Q.row, qb, kw, D, dk_h + m * dK.row, dK.row);
+          }
         }
       }
     }
