@@ -106,8 +106,9 @@ def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 # float32 and float64 on CPU: this package's own flash kernel (csrc/flash_cpu.cpp), compiled for this machine
-# on first use. It tiles like torch's, but computes a tile that crosses the causal diagonal in slices of 64
-# queries, so a causal block costs ~0.5 of a full one instead of ~0.5 + 256/len (striped pays it every step).
+# on first use. It tiles like torch's, but computes the square on the causal diagonal with its own
+# register-blocked products, each strip of queries only as far as it sees, so a causal block costs ~0.5 of a
+# full one instead of ~0.5 + 256/len (striped pays it every step).
 
 
 _CSRC = Path(__file__).parent / "csrc" / "flash_cpu.cpp"

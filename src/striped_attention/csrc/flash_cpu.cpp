@@ -38,6 +38,7 @@ using Vec = at::vec::Vectorized<T>;
 
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 512;
+static_assert(kQueryTile <= kKeyTile, "a score row holds a chunk of keys or the diagonal square");
 
 // Column-major BLAS: c (m x n) = alpha * op(a) * op(b) + beta * c. A row-major (r x s) matrix with leading
 // dimension ld is the column-major (s x r) matrix with the same ld, so row-major products are written
