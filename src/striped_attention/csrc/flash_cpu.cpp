@@ -6,10 +6,10 @@
 //
 // Tiled like torch's CPU flash kernel: 256 queries at a time, against 512 keys at a time, BLAS for the
 // products, an online softmax in between. Under a causal mask a query tile [m, m + 256) sees the keys before m
-// whole (dense chunks, BLAS) and a triangle of the 256 keys after m: the diagonal square. That square is where
+// whole (dense chunks, BLAS) and a triangle of the 256 keys from m on: the diagonal square. That square is where
 // causal blocks lose time - torch's kernel computes it whole, twice its work - and a striped ring has one in
 // every step's block, where zigzag has dense rectangles. Here register-blocked products compute it strip by
-// strip, each strip only as far as its last row sees, at about BLAS speed: a causal block costs about half a
+// strip, each strip only as far as its last row sees, near BLAS speed: a causal block costs about half a
 // full one (benchmarks/kernels.py measures it).
 #include <torch/extension.h>
 #include <ATen/Dispatch.h>
