@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ranks import cached, error_of, full_inputs, reference, relative_error, run_ranks, sharded_run
-from striped_attention import LAYOUTS, Block, Layout, positions, ring_attention, shard, unshard
+from striped_attention import LAYOUTS, Block, Layout, kernels, positions, ring_attention, shard, unshard
 
 
 @dataclass(frozen=True)
@@ -244,3 +244,17 @@ def test_default_head_groups_bound_the_block_in_flight_and_leave_no_cpu_thread_i
         assert _head_groups(3, torch.empty(1, 8, 4, 64), world_size=2) == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_first_piece_over_every_query_starts_the_sums_without_a_merge(monkeypatch):
+    """A kernel that returns its block's output (torch's, here in bf16) is not merged into zeros at step 0."""
+    merges = []
+    merge = kernels.merge_
+    monkeypatch.setattr(kernels, "merge_", lambda *args: (merges.append(1), merge(*args)))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g).bfloat16() for _ in range(3))
+    out = ring_attention(q, k, v, backend="torch")
+    assert merges == [] and out.is_contiguous()
+    assert torch.equal(out, kernels.attention_forward(q, k, v, causal=True, scale=0.25, backend="torch")[0])
+    ring_attention(q, k, v, layout=_SplitTriangle(), backend="torch")  # its first piece has half the queries
+    assert len(merges) == 3  # each of its three pieces merged, the first into zeros

@@ -21,7 +21,7 @@ import torch
 
 __all__ = [
     "attention_forward", "attention_backward", "attention_forward_", "attention_backward_", "reference_forward",
-    "reference_backward", "merge_", "no_keys_seen",
+    "reference_backward", "merge_", "no_keys_seen", "first_sums",
 ]
 
 aten = torch.ops.aten
@@ -347,6 +347,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, b
     """(dq, dk, dv) of one block, given the final out and lse of the whole ring for these queries."""
     _, backward = _select(q, backend)
     return backward(dout, q, k, v, out, lse, causal, scale)
+
+
+def first_sums(q, k, v, *, causal: bool, scale: float, backend: str = "auto"):
+    """The running sums (out, lse) in the accumulation dtype after one block that every query of q attends
+    to: what attention_forward_ leaves in no_keys_seen(q), without merging into zeros (a kernel that returns
+    its block's output pays a cast instead of a merge). Contiguous, whatever layout the kernel wrote."""
+    out, lse = attention_forward(q, k, v, causal=causal, scale=scale, backend=backend)
+    acc = acc_dtype(q.dtype)
+    return out.to(acc, memory_format=torch.contiguous_format), lse.to(acc, memory_format=torch.contiguous_format)
 
 
 def attention_forward_(out, lse, q, k, v, *, causal: bool, scale: float, backend: str = "auto") -> None:

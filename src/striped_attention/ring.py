@@ -335,21 +335,27 @@ def ring_forward(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: floa
 
 def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
     """One pass around the ring: the sums (out, lse), both in the accumulation dtype."""
-    out, lse = kernels.no_keys_seen(q)
+    out = lse = None
+    every_query = slice(0, q.shape[2])
     kv, clock = (k, v), _StepClock("forward", q.device)
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
         for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
+            piece = (q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k])
+            if out is None and blk.q == every_query:  # the first piece, over every query, starts the sums
+                out, lse = kernels.first_sums(*piece, causal=blk.causal, scale=scale, backend=backend)
+                continue
+            if out is None:
+                out, lse = kernels.no_keys_seen(q)
             kernels.attention_forward_(
-                out[:, :, blk.q], lse[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k],
-                causal=blk.causal, scale=scale, backend=backend,
+                out[:, :, blk.q], lse[:, :, blk.q], *piece, causal=blk.causal, scale=scale, backend=backend
             )
         clock.computed()
         if incoming is not None:
             kv = incoming.wait()
         clock.waited(step, source)
-    return out, lse
+    return (out, lse) if out is not None else kernels.no_keys_seen(q)  # no piece at all: no key seen
 
 
 def ring_backward(
