@@ -266,7 +266,7 @@ def _top_left_causal(forward, backward):
         if square(q, k, causal):
             return backward(dout, q, k, v, out, lse, causal, scale)
         dq = []
-        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+        dk, dv = (torch.zeros(t.shape, dtype=acc_dtype(t.dtype), device=t.device) for t in (k, v))
         for qs, ks, c in _causal_pieces(q.shape[2], k.shape[2]):
             dq_p, dk_p, dv_p = backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
                                         lse[:, :, qs], c, scale)

@@ -343,10 +343,10 @@ def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
         for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
             piece = (q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k])
-            if out is None and blk.q == every_query:  # the first piece, over every query, starts the sums
-                out, lse = kernels.first_sums(*piece, causal=blk.causal, scale=scale, backend=backend)
-                continue
             if out is None:
+                if blk.q == every_query:  # the first piece, over every query, starts the sums
+                    out, lse = kernels.first_sums(*piece, causal=blk.causal, scale=scale, backend=backend)
+                    continue
                 out, lse = kernels.no_keys_seen(q)
             kernels.attention_forward_(
                 out[:, :, blk.q], lse[:, :, blk.q], *piece, causal=blk.causal, scale=scale, backend=backend

@@ -297,6 +297,23 @@ inline int64_t diagonal_keys(bool causal, int64_t m, int64_t qb, int64_t S) {
   return causal ? std::clamp<int64_t>(S - m, 0, qb) : 0;
 }
 
+// The work of the query tile [m, m + qb) against S keys: dense_chunk(n, kb, len) for each chunk [n, n + kb) of
+// the keys it sees whole, then diagonal_square(kw, len, valid) for the square on the causal diagonal, if any.
+// len(i): the keys of the piece row i sees; valid(i): how far its row of scores must be kept valid (zeros).
+template <typename Dense, typename Diagonal>
+void for_each_piece(bool causal, int64_t m, int64_t qb, int64_t S, Dense&& dense_chunk,
+                    Diagonal&& diagonal_square) {
+  const int64_t dense = dense_keys(causal, m, S), kw = diagonal_keys(causal, m, qb, S);
+  for (int64_t n = 0; n < dense; n += kKeyTile) {
+    const int64_t kb = std::min(kKeyTile, dense - n);
+    dense_chunk(n, kb, [kb](int64_t) { return kb; });
+  }
+  if (kw > 0) {
+    diagonal_square(kw, [kw](int64_t i) { return diagonal_len(i, kw); },
+                    [kw](int64_t i) { return diagonal_valid(i, kw); });
+  }
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, bool causal, double scale_) {
@@ -334,20 +351,18 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           std::fill(r + n, r + valid(i), T(0));
         }
       };
-      const int64_t dense = dense_keys(causal, m, S), kw = diagonal_keys(causal, m, qb, S);
-      for (int64_t n = 0; n < dense; n += kKeyTile) {
-        const int64_t kb = std::min(kKeyTile, dense - n);
-        auto all = [kb](int64_t) { return kb; };
+      auto dense_chunk = [&](int64_t n, int64_t kb, auto all) {
         gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m), Q.row, T(0), scores.data(), ld);
         fold(all, all);
         gemm('N', 'N', D, qb, kb, T(1), V.at(b, hk, n), V.row, scores.data(), ld, T(1), o, O.row);
-      }
-      if (kw > 0) {
+      };
+      auto diagonal_square = [&](int64_t kw, auto len, auto valid) {
         diagonal_scores(Q.at(b, h, m), Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, scores.data(), ld,
                         packed.data());
-        fold([kw](int64_t i) { return diagonal_len(i, kw); }, [kw](int64_t i) { return diagonal_valid(i, kw); });
+        fold(len, valid);
         diagonal_rows_times(scores.data(), ld, V.at(b, hk, m), V.row, qb, kw, D, o, O.row);
-      }
+      };
+      for_each_piece(causal, m, qb, S, dense_chunk, diagonal_square);
       for (int64_t i = 0; i < qb; ++i) {
         if (row_sum[i] == T(0)) continue;  // no key seen, before or now
         const T inv = T(1) / row_sum[i];
@@ -410,10 +425,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
               std::fill(dsr + n, dsr + valid(i), T(0));
             }
           };
-          const int64_t dense = dense_keys(causal, m, S), kw = diagonal_keys(causal, m, qb, S);
-          for (int64_t n = 0; n < dense; n += kKeyTile) {
-            const int64_t kb = std::min(kKeyTile, dense - n);
-            auto all = [kb](int64_t) { return kb; };
+          auto dense_chunk = [&](int64_t n, int64_t kb, auto all) {
             gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, ld);  // scores
             gemm('T', 'N', kb, qb, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), ds, ld);  // dO V^T
             gradients(all, all);
@@ -421,15 +433,16 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             gemm('N', 'T', D, kb, qb, T(1), do_rows, dO.row, p, ld, T(1), dv_h + n * dV.row, dV.row);
             gemm('N', 'N', D, qb, kb, T(1), K.at(b, hk, n), K.row, ds, ld, T(1), dq_rows, dQ.row);
             gemm('N', 'T', D, kb, qb, T(1), q_rows, Q.row, ds, ld, T(1), dk_h + n * dK.row, dK.row);
-          }
-          if (kw > 0) {
+          };
+          auto diagonal_square = [&](int64_t kw, auto len, auto valid) {  // the same five products
             diagonal_scores(q_rows, Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, p, ld, packed.data());
             diagonal_scores(do_rows, dO.row, V.at(b, hk, m), V.row, qb, kw, D, T(1), ds, ld, packed.data());
-            gradients([kw](int64_t i) { return diagonal_len(i, kw); }, [kw](int64_t i) { return diagonal_valid(i, kw); });
+            gradients(len, valid);
             diagonal_transposed_times(p, ld, do_rows, dO.row, qb, kw, D, dv_h + m * dV.row, dV.row);
             diagonal_rows_times(ds, ld, K.at(b, hk, m), K.row, qb, kw, D, dq_rows, dQ.row);
             diagonal_transposed_times(ds, ld, q_rows, Q.row, qb, kw, D, dk_h + m * dK.row, dK.row);
-          }
+          };
+          for_each_piece(causal, m, qb, S, dense_chunk, diagonal_square);
         }
       }
     }
