@@ -86,6 +86,19 @@ T exp_shifted(T* row, int64_t len, T shift) {
   return at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
 }
 
+// a . b over n elements, accumulated in double in 8 independent partial sums (no chain of dependent adds).
+template <typename T>
+T dot_in_double(const T* a, const T* b, int64_t n) {
+  double part[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int u = 0; u < 8; ++u) part[u] += static_cast<double>(a[d + u]) * b[d + u];
+  for (; d < n; ++d) part[0] += static_cast<double>(a[d]) * b[d];
+  double sum = 0.0;
+  for (double x : part) sum += x;
+  return static_cast<T>(sum);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // The tile on the causal diagonal. Query tile rows [m, m + qb) against keys [m, m + kw): row i sees keys
 // 0..i of it. BLAS would compute the whole square (twice the work) or thin slices of it (slow shapes), so
@@ -242,6 +255,20 @@ void diagonal_transposed_times(const T* p, int64_t ldp, const T* x, int64_t ldx,
 inline int64_t diagonal_len(int64_t i, int64_t kw) { return std::min(i + 1, kw); }
 inline int64_t diagonal_valid(int64_t i, int64_t kw) { return std::min(i + 1 + kPad, kw); }
 
+// Rows of the diagonal square's operands, fetched into L2 while the dense chunks before it compute: the square
+// is the first in its tile to touch them (dense chunks see only earlier keys), and its short strips cannot
+// hide a miss the way BLAS does. fetch(i) asks for row i of each; call it for rows 0, 1, ... between products.
+template <typename T, int N>
+struct Upcoming {
+  const T* base[N] = {};
+  int64_t ld[N] = {}, rows = 0, D = 0;
+  void fetch(int64_t i) const {
+    if (i >= rows) return;
+    for (int k = 0; k < N; ++k)
+      for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(base[k] + i * ld[k] + d, 0, 2);
+  }
+};
+
 template <typename T>
 struct Strided {  // a (B, H, len, D) operand with unit stride along D, or a (B, H, len) one
   T* data;
@@ -335,9 +362,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         row_max_[i] = l[i * LSE.row];
         row_sum[i] = row_max_[i] == -std::numeric_limits<T>::infinity() ? T(0) : T(1);  // out has weight 1
       }
+      Upcoming<T, 2> upcoming;  // the square's K and V rows, during the first dense chunk
+      if (dense_keys(causal, m, S) > 0) {
+        upcoming = {{K.at(b, hk, m), V.at(b, hk, m)}, {K.row, V.row}, diagonal_keys(causal, m, qb, S), D};
+      }
       // The online softmax over the scores of row i's first len(i) keys; zeros after them, up to valid(i).
       auto fold = [&](auto len, auto valid) {
         for (int64_t i = 0; i < qb; ++i) {
+          upcoming.fetch(i);
           T* r = scores.data() + i * ld;
           const int64_t n = len(i);
           const T new_max = std::max(row_max_[i], row_max(r, n));
@@ -354,6 +386,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       auto dense_chunk = [&](int64_t n, int64_t kb, auto all) {
         gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m), Q.row, T(0), scores.data(), ld);
         fold(all, all);
+        upcoming.rows = 0;
         gemm('N', 'N', D, qb, kb, T(1), V.at(b, hk, n), V.row, scores.data(), ld, T(1), o, O.row);
       };
       auto diagonal_square = [&](int64_t kw, auto len, auto valid) {
@@ -394,12 +427,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       T* dk_h = dK.at(b, hk);
       T* dv_h = dV.at(b, hk);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t i = 0; i < L; ++i) {  // delta_i = dO_i . O_i, accumulated in double
-          const T *a = dO.at(b, h, i), *c = O.at(b, h, i);
-          double s = 0.0;
-          for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * c[d];
-          delta[i] = static_cast<T>(s);
-        }
+        for (int64_t i = 0; i < L; ++i) delta[i] = dot_in_double(dO.at(b, h, i), O.at(b, h, i), D);
         for (int64_t m = 0; m < L; m += kQueryTile) {
           const int64_t qb = std::min(kQueryTile, L - m);
           const T* q_rows = Q.at(b, h, m);
@@ -408,8 +436,14 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           T* dq_rows = dQ.at(b, h, m);
           // From scores (p) and dO V^T (ds), for row i's first len(i) keys: P = exp(scores - lse) and
           // dS = scale * P * (dP - delta); zeros after them, up to valid(i).
+          Upcoming<T, 4> upcoming;  // the square's K, V, dK and dV rows, during the first dense chunk
+          if (dense_keys(causal, m, S) > 0) {
+            upcoming = {{K.at(b, hk, m), V.at(b, hk, m), dk_h + m * dK.row, dv_h + m * dV.row},
+                        {K.row, V.row, dK.row, dV.row}, diagonal_keys(causal, m, qb, S), D};
+          }
           auto gradients = [&](auto len, auto valid) {
             for (int64_t i = 0; i < qb; ++i) {
+              upcoming.fetch(i);
               T* pr = p + i * ld;
               T* dsr = ds + i * ld;
               const int64_t n = len(i);
@@ -429,6 +463,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, ld);  // scores
             gemm('T', 'N', kb, qb, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), ds, ld);  // dO V^T
             gradients(all, all);
+            upcoming.rows = 0;
             // dV += P^T dO;  dQ += dS K;  dK += dS^T Q
             gemm('N', 'T', D, kb, qb, T(1), do_rows, dO.row, p, ld, T(1), dv_h + n * dV.row, dV.row);
             gemm('N', 'N', D, qb, kb, T(1), K.at(b, hk, n), K.row, ds, ld, T(1), dq_rows, dQ.row);
