@@ -128,7 +128,9 @@ void with_constant(int64_t n, F&& f) {
 
 // Panels of b^T for strip_scores: keys [c * P, (c + 1) * P) of b's first `cols` rows (row stride ldb), P =
 // kPanel vectors, go to panel c, a (D x P) row-major block at bt + c * D * P, so a strip streams through
-// it; zeros after cols.
+// it; zeros after cols. The square is the first product in its tile to read these rows, and the transposes'
+// order (a cache line from each of 16 rows in turn) defeats the hardware prefetcher, so the rows two blocks
+// ahead are prefetched by hand.
 template <typename T>
 void pack_panels(const T* b, int64_t ldb, int64_t cols, int64_t D, T* bt) {
   constexpr int64_t W = Vec<T>::size(), P = kPanel * W;
@@ -138,6 +140,8 @@ void pack_panels(const T* b, int64_t ldb, int64_t cols, int64_t D, T* bt) {
   }
   int64_t j = 0;
   for (; j + W <= cols; j += W) {
+    for (int64_t r = j + 2 * W; r < std::min(j + 3 * W, cols); ++r)
+      for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(b + r * ldb + d);
     int64_t d = 0;
     for (; d + W <= D; d += W) at::vec::transpose_mxn<T, W, W>(b + j * ldb + d, ldb, at(j, d), P);
     for (; d < D; ++d)
@@ -255,20 +259,6 @@ void diagonal_transposed_times(const T* p, int64_t ldp, const T* x, int64_t ldx,
 inline int64_t diagonal_len(int64_t i, int64_t kw) { return std::min(i + 1, kw); }
 inline int64_t diagonal_valid(int64_t i, int64_t kw) { return std::min(i + 1 + kPad, kw); }
 
-// Rows of the diagonal square's operands, fetched into L2 while the dense chunks before it compute: the square
-// is the first in its tile to touch them (dense chunks see only earlier keys), and its short strips cannot
-// hide a miss the way BLAS does. fetch(i) asks for row i of each; call it for rows 0, 1, ... between products.
-template <typename T, int N>
-struct Upcoming {
-  const T* base[N] = {};
-  int64_t ld[N] = {}, rows = 0, D = 0;
-  void fetch(int64_t i) const {
-    if (i >= rows) return;
-    for (int k = 0; k < N; ++k)
-      for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(base[k] + i * ld[k] + d, 0, 2);
-  }
-};
-
 template <typename T>
 struct Strided {  // a (B, H, len, D) operand with unit stride along D, or a (B, H, len) one
   T* data;
@@ -362,14 +352,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         row_max_[i] = l[i * LSE.row];
         row_sum[i] = row_max_[i] == -std::numeric_limits<T>::infinity() ? T(0) : T(1);  // out has weight 1
       }
-      Upcoming<T, 2> upcoming;  // the square's K and V rows, during the first dense chunk
-      if (dense_keys(causal, m, S) > 0) {
-        upcoming = {{K.at(b, hk, m), V.at(b, hk, m)}, {K.row, V.row}, diagonal_keys(causal, m, qb, S), D};
-      }
       // The online softmax over the scores of row i's first len(i) keys; zeros after them, up to valid(i).
       auto fold = [&](auto len, auto valid) {
         for (int64_t i = 0; i < qb; ++i) {
-          upcoming.fetch(i);
           T* r = scores.data() + i * ld;
           const int64_t n = len(i);
           const T new_max = std::max(row_max_[i], row_max(r, n));
@@ -386,7 +371,6 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       auto dense_chunk = [&](int64_t n, int64_t kb, auto all) {
         gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m), Q.row, T(0), scores.data(), ld);
         fold(all, all);
-        upcoming.rows = 0;
         gemm('N', 'N', D, qb, kb, T(1), V.at(b, hk, n), V.row, scores.data(), ld, T(1), o, O.row);
       };
       auto diagonal_square = [&](int64_t kw, auto len, auto valid) {
@@ -427,7 +411,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       T* dk_h = dK.at(b, hk);
       T* dv_h = dV.at(b, hk);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t i = 0; i < L; ++i) delta[i] = dot_in_double(dO.at(b, h, i), O.at(b, h, i), D);
+        for (int64_t i = 0; i < L; ++i) delta[i] = dot_in_double(dO.at(b, h, i), O.at(b, h, i), D);  // dO_i . O_i
         for (int64_t m = 0; m < L; m += kQueryTile) {
           const int64_t qb = std::min(kQueryTile, L - m);
           const T* q_rows = Q.at(b, h, m);
@@ -436,14 +420,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           T* dq_rows = dQ.at(b, h, m);
           // From scores (p) and dO V^T (ds), for row i's first len(i) keys: P = exp(scores - lse) and
           // dS = scale * P * (dP - delta); zeros after them, up to valid(i).
-          Upcoming<T, 4> upcoming;  // the square's K, V, dK and dV rows, during the first dense chunk
-          if (dense_keys(causal, m, S) > 0) {
-            upcoming = {{K.at(b, hk, m), V.at(b, hk, m), dk_h + m * dK.row, dv_h + m * dV.row},
-                        {K.row, V.row, dK.row, dV.row}, diagonal_keys(causal, m, qb, S), D};
-          }
           auto gradients = [&](auto len, auto valid) {
             for (int64_t i = 0; i < qb; ++i) {
-              upcoming.fetch(i);
               T* pr = p + i * ld;
               T* dsr = ds + i * ld;
               const int64_t n = len(i);
@@ -463,7 +441,6 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, ld);  // scores
             gemm('T', 'N', kb, qb, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), ds, ld);  // dO V^T
             gradients(all, all);
-            upcoming.rows = 0;
             // dV += P^T dO;  dQ += dS K;  dK += dS^T Q
             gemm('N', 'T', D, kb, qb, T(1), do_rows, dO.row, p, ld, T(1), dv_h + n * dV.row, dV.row);
             gemm('N', 'N', D, qb, kb, T(1), K.at(b, hk, n), K.row, ds, ld, T(1), dq_rows, dQ.row);
