@@ -75,6 +75,23 @@ def test_compiled_cpu_kernel_diagonal_squares(q_len, k_len, d, dtype, tol):
     _assert_matches_reference(q, k, v, True, 0.2, tol, "auto")
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("rise", [200.0, -200.0])
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_cpu_kernel_softmax_shift_follows_rising_scores(rise, causal, dtype, tol):
+    """Scores that climb by `rise` along the keys (about 90 per chunk of 512, 45 across a diagonal square: more
+    than float32's exp can hold) make the forward's lagging softmax shift move, and rescale the output, in every
+    chunk; falling ones never move it."""
+    q, k, v = _inputs(dtype, 2, 1, 1100, 1100, 24)
+    scale = 0.2
+    q[..., -1] = 1.0
+    k[..., -1] = torch.linspace(0.0, rise, 1100, dtype=dtype) / scale  # score(i, j) gains rise * j / 1099
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale, backend="auto")
+    out_r, lse_r = kernels.reference_forward(q.double(), k.double(), v.double(), causal=causal, scale=scale)
+    assert (out.double() - out_r).norm() / out_r.norm() < tol
+    assert (lse.double() - lse_r).abs().max() < tol * lse_r.abs().max()
+
+
 def test_compiled_cpu_kernel_on_overlapping_and_single_rows():
     q, k, v = _inputs(torch.float32, q_len=37, k_len=37)
     flat = torch.randn(2, 2, 38 * 12, generator=torch.Generator().manual_seed(3))

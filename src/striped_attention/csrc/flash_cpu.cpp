@@ -39,6 +39,10 @@ using Vec = at::vec::Vectorized<T>;
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 512;
 static_assert(kQueryTile <= kKeyTile, "a score row holds a chunk of keys or the diagonal square");
+// The forward's softmax shift trails the running maximum by up to this much (natural log units): terms of at
+// most e^8 ~ 3000 cannot overflow (float32 sums of them overflow only past 1e35 keys), and the shift, with
+// the rescaling of the row's output, moves only on the rare chunk whose scores exceed it by more.
+constexpr double kShiftSlack = 8.0;
 
 // Column-major BLAS: c (m x n) = alpha * op(a) * op(b) + beta * c. A row-major (r x s) matrix with leading
 // dimension ld is the column-major (s x r) matrix with the same ld, so row-major products are written
@@ -57,33 +61,45 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
 template <typename T>
 T row_max(const T* row, int64_t len) {
   using V = Vec<T>;
-  V acc(-std::numeric_limits<T>::infinity());
+  constexpr int64_t W = V::size();
+  const V lowest(-std::numeric_limits<T>::infinity());
+  V acc[4] = {lowest, lowest, lowest, lowest};  // independent chains: short rows are latency-bound
   int64_t j = 0;
-  for (; j + V::size() <= len; j += V::size()) acc = at::vec::maximum(acc, V::loadu(row + j));
-  if (j < len) {
-    acc = at::vec::maximum(acc, V::set(acc, V::loadu(row + j, len - j), len - j));
-  }
-  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return at::vec::maximum(x, y); }, acc);
+  for (; j + 4 * W <= len; j += 4 * W)
+    for (int u = 0; u < 4; ++u) acc[u] = at::vec::maximum(acc[u], V::loadu(row + j + u * W));
+  for (; j + W <= len; j += W) acc[0] = at::vec::maximum(acc[0], V::loadu(row + j));
+  if (j < len) acc[1] = at::vec::maximum(acc[1], V::set(lowest, V::loadu(row + j, len - j), len - j));
+  const V all = at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3]));
+  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return at::vec::maximum(x, y); }, all);
 }
 
 // row[0:len] <- exp(row[0:len] - shift); returns their sum.
 template <typename T>
 T exp_shifted(T* row, int64_t len, T shift) {
   using V = Vec<T>;
+  constexpr int64_t W = V::size();
   const V s(shift);
-  V acc(T(0));
+  V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
   int64_t j = 0;
-  for (; j + V::size() <= len; j += V::size()) {
+  for (; j + 4 * W <= len; j += 4 * W) {
+    for (int u = 0; u < 4; ++u) {
+      V e = (V::loadu(row + j + u * W) - s).exp_u20();
+      e.store(row + j + u * W);
+      acc[u] = acc[u] + e;
+    }
+  }
+  for (; j + W <= len; j += W) {
     V e = (V::loadu(row + j) - s).exp_u20();
     e.store(row + j);
-    acc = acc + e;
+    acc[0] = acc[0] + e;
   }
   if (j < len) {
     V e = (V::loadu(row + j, len - j) - s).exp_u20();
     e.store(row + j, len - j);
-    acc = acc + V::set(V(T(0)), e, len - j);
+    acc[1] = acc[1] + V::set(V(T(0)), e, len - j);
   }
-  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
+  const V all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, all);
 }
 
 // a . b over n elements, accumulated in double in 8 independent partial sums (no chain of dependent adds).
@@ -343,29 +359,32 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> scores(std::min(kQueryTile, L) * ld), packed(panel_size<T>(D, std::min(kQueryTile, S)));
-    std::vector<T> row_max_(kQueryTile), row_sum(kQueryTile);
+    std::vector<T> shift(kQueryTile), row_sum(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
       const int64_t m = t * kQueryTile, qb = std::min(kQueryTile, L - m);
       T* o = O.at(b, h, m);
       T* l = LSE.at(b, h, m);
       for (int64_t i = 0; i < qb; ++i) {
-        row_max_[i] = l[i * LSE.row];
-        row_sum[i] = row_max_[i] == -std::numeric_limits<T>::infinity() ? T(0) : T(1);  // out has weight 1
+        shift[i] = l[i * LSE.row];
+        row_sum[i] = shift[i] == -std::numeric_limits<T>::infinity() ? T(0) : T(1);  // out has weight 1
       }
       // The online softmax over the scores of row i's first len(i) keys; zeros after them, up to valid(i).
+      // row_sum[i] and out's row i hold sum exp(score - shift[i]) and sum exp(score - shift[i]) v over the keys
+      // so far; any shift is exact, and it need not be the running maximum as long as no term can overflow.
       auto fold = [&](auto len, auto valid) {
         for (int64_t i = 0; i < qb; ++i) {
           T* r = scores.data() + i * ld;
           const int64_t n = len(i);
-          const T new_max = std::max(row_max_[i], row_max(r, n));
-          const T rescale = std::exp(row_max_[i] - new_max);
-          row_sum[i] = row_sum[i] * rescale + exp_shifted(r, n, new_max);
-          row_max_[i] = new_max;
-          if (rescale != T(1)) {
+          const T top = row_max(r, n);
+          if (top > shift[i] + kShiftSlack) {  // the shift moves only when a score would overflow its slack
+            const T rescale = std::exp(shift[i] - top);
+            row_sum[i] *= rescale;
+            shift[i] = top;
             T* oi = o + i * O.row;
             for (int64_t d = 0; d < D; ++d) oi[d] *= rescale;
           }
+          row_sum[i] += exp_shifted(r, n, shift[i]);
           std::fill(r + n, r + valid(i), T(0));
         }
       };
@@ -386,7 +405,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T inv = T(1) / row_sum[i];
         T* oi = o + i * O.row;
         for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
-        l[i * LSE.row] = row_max_[i] + std::log(row_sum[i]);
+        l[i * LSE.row] = shift[i] + std::log(row_sum[i]);
       }
     }
   });
