@@ -7,14 +7,17 @@ single-rank baseline interleaved in one run, warm-up, median of repeats:
     python benchmarks/core.py --seq-len 16384 --repeats 7
 
 Scaling efficiency = T(one rank running torch's causal SDPA on the whole sequence) / (N x T(N ranks)).
+Below the table, striped against zigzag paired within each repeat (each repeat runs one pass's variants back
+to back, so the pair shares the machine's drift): the median and spread of those ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
-from striped_attention.bench import BASELINE, BenchConfig, run
+from striped_attention.bench import BASELINE, BenchConfig, paired_speedups, run
 
 
 def main(argv=None) -> int:
@@ -43,6 +46,12 @@ def main(argv=None) -> int:
             t = ms[(name, pass_)]
             print(f"| {pass_} | {name} | {t:.0f} | {ms[('contiguous', pass_)] / t:.2f}x | "
                   f"{ms[('zigzag', pass_)] / t:.2f}x | {one / (cfg.world_size * t):.1%} |")
+    paired = paired_speedups(results, "zigzag")
+    for pass_ in cfg.passes:
+        r = sorted(paired[("striped", pass_)])
+        print(f"\nstriped vs zigzag, {pass_}, paired within each repeat: median {statistics.median(r):.3f}x, "
+              f"quartiles {r[len(r) // 4]:.3f}x-{r[(3 * len(r)) // 4]:.3f}x, range {r[0]:.3f}x-{r[-1]:.3f}x "
+              f"({len(r)} repeats)")
     return 0
 
 

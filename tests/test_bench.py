@@ -8,7 +8,9 @@ from dataclasses import asdict
 import pytest
 
 from striped_attention import LAYOUTS, cli
-from striped_attention.bench import BASELINE, BenchConfig, Result, efficiencies, format_steps, format_table, speedups
+from striped_attention.bench import (
+    BASELINE, BenchConfig, Result, efficiencies, format_steps, format_table, paired_speedups, speedups,
+)
 from striped_attention.ring import source_rank
 
 
@@ -72,6 +74,8 @@ def test_tables_speedup_and_efficiency():
     assert table[2].split() == ["striped", "fwd", "20.0", "19.0", "1.50x", "80%"]
     assert "rank 1: f0 1.0+0.5" in format_steps(results)
     assert "efficiency" not in format_table(results[:2])  # no baseline, no column
+    drifting = [Result("zigzag", "fwd", [10.0, 20.0]), Result("striped", "fwd", [9.0, 25.0]), results[2]]
+    assert paired_speedups(drifting) == {("striped", "fwd"): [10 / 9, 20 / 25]}
 
 
 def test_results_round_trip_through_the_launcher_format():

@@ -132,7 +132,8 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
         runs.update({(BASELINE, p): (lambda p=p: baseline(p == "fwd+bwd")) for p in cfg.passes})
     times = {key: [] for key in runs}
     steps = {key: [] for key in runs}
-    order = list(runs)
+    # one pass's variants next to each other, so each repeat times them back to back (paired_speedups)
+    order = sorted(runs, key=lambda key: cfg.passes.index(key[1]))
     total = (cfg.warmup + cfg.repeats) * len(order)
     for rep in range(cfg.warmup + cfg.repeats):
         rotated = order[rep % len(order):] + order[: rep % len(order)]  # interleaved, no fixed position
@@ -146,7 +147,7 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
                 progress(rep * len(order) + i + 1, total, key)
 
     results = []
-    for key in order:
+    for key in runs:
         per_rank = _gather_objects(_median_steps(steps[key]), n)
         results.append(Result(key[0], key[1], times[key], per_rank, world_size=1 if key[0] == BASELINE else n))
     if cfg.check:
@@ -241,6 +242,17 @@ def speedups(results: list[Result], reference: str = "contiguous") -> dict[tuple
     """(layout, pass) -> time of ``reference`` / time of the layout, for the passes ``reference`` ran."""
     base = {r.pass_: r.time_ms for r in results if r.layout == reference}
     return {(r.layout, r.pass_): base[r.pass_] / r.time_ms for r in results if r.pass_ in base and r.layout != BASELINE}
+
+
+def paired_speedups(results: list[Result], reference: str = "zigzag") -> dict[tuple[str, str], list[float]]:
+    """(layout, pass) -> per repeat, time of ``reference`` / time of the layout, both from the same repeat of
+    the interleaved run: on a shared machine whose speed drifts, the pair shares the drift, which a ratio of
+    medians does not cancel."""
+    base = {r.pass_: r.times_ms for r in results if r.layout == reference}
+    return {
+        (r.layout, r.pass_): [b / t for b, t in zip(base[r.pass_], r.times_ms)]
+        for r in results if r.pass_ in base and r.layout not in (BASELINE, reference)
+    }
 
 
 def efficiencies(results: list[Result]) -> dict[tuple[str, str], float]:

@@ -9,8 +9,8 @@
 // whole (dense chunks, BLAS) and a triangle of the 256 keys from m on: the diagonal square. That square is where
 // causal blocks lose time - torch's kernel computes it whole, twice its work - and a striped ring has one in
 // every step's block, where zigzag has dense rectangles. Here register-blocked products compute it strip by
-// strip, each strip only as far as its last row sees: half the square's work, at about two thirds of the
-// dense chunks' rate, so a causal block costs 0.51-0.54 of a full one (benchmarks/kernels.py measures it).
+// strip, each strip only as far as its last row sees: half the square's work, at 1.1-1.35x the dense chunks'
+// time per pair, so a causal block costs 0.50-0.55 of a full one (benchmarks/kernels.py measures it).
 #include <torch/extension.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -119,7 +119,7 @@ T dot_in_double(const T* a, const T* b, int64_t n) {
 // The tile on the causal diagonal. Query tile rows [m, m + qb) against keys [m, m + kw): row i sees keys
 // 0..i of it. BLAS would compute the whole square (twice the work) or thin slices of it (slow shapes), so
 // these register-blocked products compute it strip by strip, each strip only as far as its last row sees:
-// about half the square's work, at about two thirds of BLAS's rate. Rows of P (and dS) are kept valid - true
+// about half the square's work, at 1.1-1.35x BLAS's time per pair. Rows of P (and dS) are kept valid - true
 // value or zero - up to kPad keys past the row's last visible key, so strips of up to kPad + 1 rows may read
 // them whole.
 // ---------------------------------------------------------------------------------------------------------
