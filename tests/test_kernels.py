@@ -81,7 +81,7 @@ def test_compiled_cpu_kernel_diagonal_squares(q_len, k_len, d, dtype, tol):
 def test_compiled_cpu_kernel_softmax_shift_follows_rising_scores(rise, causal, dtype, tol):
     """Scores that climb by `rise` along the keys (about 90 per chunk of 512, 45 across a diagonal square: more
     than float32's exp can hold) make the forward's lagging softmax shift move, and rescale the output, in every
-    chunk; falling ones never move it."""
+    chunk; falling ones set it at the first chunk and never move it again."""
     q, k, v = _inputs(dtype, 2, 1, 1100, 1100, 24)
     scale = 0.2
     q[..., -1] = 1.0
