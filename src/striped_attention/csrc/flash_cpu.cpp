@@ -79,20 +79,16 @@ T exp_shifted(T* row, int64_t len, T shift) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const V s(shift);
-  V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
-  int64_t j = 0;
-  for (; j + 4 * W <= len; j += 4 * W) {
-    for (int u = 0; u < 4; ++u) {
-      V e = (V::loadu(row + j + u * W) - s).exp_u20();
-      e.store(row + j + u * W);
-      acc[u] = acc[u] + e;
-    }
-  }
-  for (; j + W <= len; j += W) {
-    V e = (V::loadu(row + j) - s).exp_u20();
+  V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};  // independent chains, as in row_max
+  auto step = [&](int64_t j, V& sum) {
+    const V e = (V::loadu(row + j) - s).exp_u20();
     e.store(row + j);
-    acc[0] = acc[0] + e;
-  }
+    sum = sum + e;
+  };
+  int64_t j = 0;
+  for (; j + 4 * W <= len; j += 4 * W)
+    for (int u = 0; u < 4; ++u) step(j + u * W, acc[u]);
+  for (; j + W <= len; j += W) step(j, acc[0]);
   if (j < len) {
     V e = (V::loadu(row + j, len - j) - s).exp_u20();
     e.store(row + j, len - j);
