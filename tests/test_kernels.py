@@ -92,6 +92,21 @@ def test_compiled_cpu_kernel_softmax_shift_follows_rising_scores(rise, causal, d
     assert (lse.double() - lse_r).abs().max() < tol * lse_r.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_cpu_kernel_keeps_a_nan_query_in_its_own_row(dtype, causal):
+    """A NaN query makes its own row NaN (the exp keeps NaN, it does not flush it to 0 or clamp it to a number)
+    and leaves every other row as exact as without it."""
+    q, k, v = _inputs(dtype, q_len=300, k_len=300)
+    q_nan = q.clone()
+    q_nan[1, 3, 280, 5] = float("nan")  # batch 1, head 3, a query in the second tile
+    out, _ = kernels.attention_forward(q_nan, k, v, causal=causal, scale=0.2, backend="auto")
+    want, _ = kernels.reference_forward(q.double(), k.double(), v.double(), causal=causal, scale=0.2)
+    assert out[1, 3, 280].isnan().all()
+    out[1, 3, 280] = want[1, 3, 280].to(dtype)
+    assert (out.double() - want).abs().max() < 1e-5
+
+
 def test_compiled_cpu_kernel_on_overlapping_and_single_rows():
     q, k, v = _inputs(torch.float32, q_len=37, k_len=37)
     flat = torch.randn(2, 2, 38 * 12, generator=torch.Generator().manual_seed(3))
