@@ -73,9 +73,10 @@ T row_max(const T* row, int64_t len) {
   return at::vec::vec_reduce_all<T>([](V& x, V& y) { return at::vec::maximum(x, y); }, all);
 }
 
-// exp(x - shift), lane by lane. With AVX-512, for float: 2^n 2^f, where (x - shift) log2(e) = n + f, |f| <= 1/2,
-// 2^f from a degree-5 polynomial (relative error 2.4e-7, about 4 ulp) and 2^n applied by vscalefps: half the
-// instructions of Vectorized::exp_u20 (20 ulp). Clamped like it: 0 far below, inf far above, NaN kept.
+// exp(x - shift), lane by lane: 0 far below, inf far above, NaN stays NaN. With AVX-512, for float: 2^n 2^f,
+// where (x - shift) log2(e) = n + f, |f| <= 1/2, 2^f from a degree-5 polynomial (relative error 2.4e-7, about
+// 4 ulp) and 2^n applied by vscalefps: half the instructions of Vectorized::exp_u20 (20 ulp). Elsewhere
+// exp_u20, whose float versions would turn NaN into a large number.
 template <typename T>
 Vec<T> exp_minus(const Vec<T>& x, const Vec<T>& shift) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -92,7 +93,8 @@ Vec<T> exp_minus(const Vec<T>& x, const Vec<T>& shift) {
     return _mm512_scalef_ps(p, n);
   }
 #endif
-  return (x - shift).exp_u20();
+  const Vec<T> d = x - shift;
+  return Vec<T>::blendv(d.exp_u20(), d, d.isnan());
 }
 
 // row[0:len] <- exp(row[0:len] - shift); returns their sum.
