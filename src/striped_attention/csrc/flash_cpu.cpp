@@ -75,8 +75,9 @@ T row_max(const T* row, int64_t len) {
 
 // exp(x - shift), lane by lane: 0 far below, inf far above, NaN stays NaN. With AVX-512, for float: 2^n 2^f,
 // where (x - shift) log2(e) = n + f, |f| <= 1/2, 2^f from a degree-5 polynomial (relative error 2.4e-7, about
-// 4 ulp) and 2^n applied by vscalefps: half the instructions of Vectorized::exp_u20 (20 ulp). Elsewhere
-// exp_u20, whose float versions would turn NaN into a large number.
+// 4 ulp; coefficients fitted for relative error on [-1/2, 1/2]) and 2^n applied by vscalefps: half the
+// instructions of Vectorized::exp_u20 (20 ulp). Elsewhere exp_u20, whose float versions would turn NaN into a
+// large number.
 template <typename T>
 Vec<T> exp_minus(const Vec<T>& x, const Vec<T>& shift) {
 #if defined(CPU_CAPABILITY_AVX512)
