@@ -107,6 +107,27 @@ def test_compiled_cpu_kernel_keeps_a_nan_query_in_its_own_row(dtype, causal):
     assert (out.double() - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_cpu_kernel_on_peaked_attention(dtype, tol, causal):
+    """Scores of standard deviation 30: most probabilities fall below 1e-38, where the kernel flushes denormals
+    to zero. Exact all the same (float32's tolerance: its scores, of size ~100, carry rounding of ~1e-5 into
+    every probability), and the caller's floating-point mode is back afterwards: denormals still compute."""
+    q, k, v = _inputs(dtype, q_len=300, k_len=300, d=64)
+    q = q * 30
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=0.125, backend="auto")
+    out_r, lse_r = kernels.reference_forward(q.double(), k.double(), v.double(), causal=causal, scale=0.125)
+    assert (out.double() - out_r).norm() / out_r.norm() < tol
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    fused = kernels.attention_backward(dout, q, k, v, out_r.to(dtype), lse_r.to(dtype), causal=causal, scale=0.125)
+    ref = kernels.reference_backward(dout.double(), q.double(), k.double(), v.double(), out_r, lse_r, causal=causal,
+                                     scale=0.125)
+    for a, b in zip(fused, ref):
+        assert (a.double() - b).norm() / b.norm() < tol
+    tiny = torch.tensor([1e-39, 1e-310], dtype=torch.float64)
+    assert (tiny.float()[:1] * 1.5).item() > 0 and (tiny[1:] * 1.5).item() > 0
+
+
 def test_compiled_cpu_kernel_on_overlapping_and_single_rows():
     q, k, v = _inputs(torch.float32, q_len=37, k_len=37)
     flat = torch.randn(2, 2, 38 * 12, generator=torch.Generator().manual_seed(3))
