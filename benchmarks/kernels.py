@@ -2,10 +2,12 @@
 
     python benchmarks/kernels.py                  # 2,048 / 4,096 / 8,192 tokens per rank, 8 heads, head_dim 64
     python benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 8192 16384 32768 --heads 32 --head-dim 128
+    python benchmarks/kernels.py --tokens 4096 --threads 1 2 --kv-heads 1   # CPU threads, one kv head (MQA)
 
 Pieces: striped's causal triangle (s <= r) and its shifted, strictly causal one (s > r), zigzag's two dense
 half blocks (s < r: all queries x first half of the keys; s > r: second half of the queries x all keys).
-A perfect kernel would give 0.5 for all four. Median of repeats, pieces interleaved; on CPU one thread.
+A perfect kernel would give 0.5 for all four. Median of repeats, pieces interleaved; on CPU one thread unless
+--threads says otherwise.
 Kernels: on CPU "torch" is torch's flash kernel, "own" this package's compiled one (backend "auto"); on CUDA
 torch's "flash" (FlashAttention-2), "cudnn" and "efficient" (memory-efficient) kernels.
 """
@@ -32,7 +34,8 @@ def _sync(device) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192], help="tokens per rank (block size)")
-    p.add_argument("--heads", type=int, default=8, help="heads")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     p.add_argument("--head-dim", type=int, default=64, help="channels per head")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     p.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=None,
@@ -40,22 +43,31 @@ def main(argv=None) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="q/k/v dtype (default: %(default)s)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU threads, each count in turn (default: 1)")
     args = p.parse_args(argv)
+    kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads or min(args.threads) < 1:
+        p.error("--heads must be a multiple of --kv-heads, and --threads at least 1")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     names = args.kernels or DEFAULT[device.type]
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA GPU here")
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.dtype}")
-    else:
-        torch.set_num_threads(1)
+        args.threads = [torch.get_num_threads()]  # not the GPU's
     if "own" in names and kernels.cpu_extension() is None:
         raise SystemExit("the compiled CPU kernel is unavailable here (see the warning above)")
-    print("| tokens per rank | kernel | pass | full block ms | striped s<=r | striped s>r | zigzag s<r | zigzag s>r |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
-    for c, kernel in ((c, kernel) for c in args.tokens for kernel in names):
+    threads_column = device.type == "cpu" and args.threads != [1]
+    print(f"| tokens per rank | kernel |{' threads |' * threads_column} pass | full block ms | striped s<=r | "
+          f"striped s>r | zigzag s<r | zigzag s>r |")
+    print(f"|---:|---|{'---:|' * threads_column}---|---:|---:|---:|---:|---:|")
+    runs = ((c, kernel, n) for c in args.tokens for kernel in names for n in args.threads)
+    for c, kernel, threads in runs:
         backend = KERNELS[kernel]
-        q, k, v, dout = (torch.randn(1, args.heads, c, args.head_dim).to(device, dtype) for _ in range(4))
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        q, dout = (torch.randn(1, args.heads, c, args.head_dim).to(device, dtype) for _ in range(2))
+        k, v = (torch.randn(1, kv_heads, c, args.head_dim).to(device, dtype) for _ in range(2))
         h, scale = c // 2, kernels.default_scale(args.head_dim)
         out, lse = kernels.attention_forward(q, k, v, causal=True, scale=scale, backend=backend)
         pieces = {  # (query rows, key rows, causal)
@@ -86,7 +98,8 @@ def main(argv=None) -> None:
                         times[piece].append(time.perf_counter() - start)
             ms = {piece: statistics.median(t) * 1e3 for piece, t in times.items()}
             ratios = " | ".join(f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:])
-            print(f"| {c} | {kernel} | {name} | {ms['full']:.2f} | {ratios} |", flush=True)
+            threads_cell = f" {threads} |" if threads_column else ""
+            print(f"| {c} | {kernel} |{threads_cell} {name} | {ms['full']:.2f} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

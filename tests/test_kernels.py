@@ -1,15 +1,27 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from striped_attention import kernels
 
 
-def _inputs(dtype, heads=4, kv_heads=2, q_len=37, k_len=37, d=24, seed=0):
+def _inputs(dtype, heads=4, kv_heads=2, q_len=37, k_len=37, d=24, seed=0, batch=2):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, heads, q_len, d, generator=g).to(dtype)
-    k = torch.randn(2, kv_heads, k_len, d, generator=g).to(dtype)
-    v = torch.randn(2, kv_heads, k_len, d, generator=g).to(dtype)
+    q = torch.randn(batch, heads, q_len, d, generator=g).to(dtype)
+    k = torch.randn(batch, kv_heads, k_len, d, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, k_len, d, generator=g).to(dtype)
     return q, k, v
+
+
+@contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _assert_matches_reference(q, k, v, causal, scale, tol, backend):
@@ -126,6 +138,38 @@ def test_compiled_cpu_kernel_on_peaked_attention(dtype, tol, causal):
         assert (a.double() - b).norm() / b.norm() < tol
     for denormal in (torch.tensor(1e-39, dtype=torch.float32), torch.tensor(1e-310, dtype=torch.float64)):
         assert (denormal * 1.5).item() > 0  # neither flushed (FTZ) nor read as zero (DAZ)
+
+
+def test_compiled_cpu_kernel_is_built_for_torch_threads():
+    """torch's intra-op threads are OpenMP's on Linux: built without OpenMP, the kernel would run on one of them."""
+    if not kernels._OPENMP:
+        pytest.skip("torch here does not use OpenMP threads")
+    assert kernels.cpu_extension().intra_op_parallel
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads",
+    [(1, 4, 1),  # one (batch, kv head) pair for 3 threads: the backward cuts it into 3 parts
+     (1, 1, 1),  # 3 query tiles of unequal work (causal) in 3 parts
+     (2, 3, 3)],  # more pairs than threads: one task each
+)
+def test_compiled_cpu_kernel_on_several_threads(batch, heads, kv_heads, dtype, tol, causal):
+    """Each thread takes the next task when done; with fewer (batch, kv head) pairs than threads, the backward
+    also splits a pair's query tiles into parts, each with its own dK/dV, summed after. Exact, and with a given
+    thread count two runs are bitwise equal (BLAS may round differently for another thread count)."""
+    q, k, v = _inputs(dtype, heads, kv_heads, q_len=700, k_len=700, d=40, batch=batch)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def run():
+        out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=0.2, backend="auto")
+        return out, lse, *kernels.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=0.2)
+
+    with _threads(3):
+        _assert_matches_reference(q, k, v, causal, 0.2, tol, "auto")
+        first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_compiled_cpu_kernel_on_overlapping_and_single_rows():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -116,6 +117,8 @@ _VEC_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+# torch's intra-op threads are OpenMP's; on Linux the kernel builds with -fopenmp and shares torch's libgomp
+_OPENMP = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
 _extension: list = []  # [module or None], once loaded or failed
 
 
@@ -128,10 +131,12 @@ def cpu_extension():
         name = f"striped_attention_flash_cpu_{vec}_torch{torch.__version__}".replace(".", "_").replace("+", "_")
         flags = ["-O3", *_VEC_FLAGS.get(vec, []), f"-DCPU_CAPABILITY={vec}"]
         flags += [f"-DCPU_CAPABILITY_{vec}"] if vec != "DEFAULT" else []
+        # without -fopenmp, at::parallel_for in the kernel would run its tasks one after the other
+        openmp = ["-fopenmp"] if _OPENMP else []
         try:
             from torch.utils.cpp_extension import load
 
-            _extension.append(load(name, [str(_CSRC)], extra_cflags=flags))
+            _extension.append(load(name, [str(_CSRC)], extra_cflags=flags + openmp, extra_ldflags=openmp))
         except Exception as e:  # noqa: BLE001 - any build failure means: use torch's kernel instead
             warnings.warn(f"striped_attention: could not build the CPU flash kernel ({type(e).__name__}: {e}); "
                           "using torch's CPU flash kernel instead", RuntimeWarning, stacklevel=2)

@@ -88,7 +88,7 @@ GROUP_BYTES = 16 * 2**20  # by default, the K/V of one head group in flight stay
 def _head_groups(requested: int | None, k: torch.Tensor, world_size: int) -> int:
     """``requested``, checked. By default, on a ring of several ranks: enough groups that each group's K/V
     block is at most GROUP_BYTES (blocks that small travel whole), but no group with fewer (batch, kv head)
-    pairs than CPU threads (the CPU backward runs one pair per thread)."""
+    pairs than CPU threads (the CPU backward gives each pair a thread; fewer pairs it splits, with spare dK/dV)."""
     batch, kv_heads = k.shape[:2]
     if requested is None:
         if world_size == 1:

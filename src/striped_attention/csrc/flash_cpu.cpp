@@ -11,6 +11,10 @@
 // every step's block, where zigzag has dense rectangles. Here register-blocked products compute it strip by
 // strip, each strip only as far as its last row sees: half the square's work, at 1.1-1.35x the dense chunks'
 // time per pair, so a causal block costs 0.50-0.55 of a full one (benchmarks/kernels.py measures it).
+//
+// Threads: torch's intra-op threads (torch.set_num_threads) take the forward's (batch, head, query tile) tasks
+// one at a time; the backward's task is a (batch, kv head) pair, cut into parts of equal work with spare dK/dV
+// where there are fewer pairs than threads. Inside the threads' parallel region BLAS runs single-threaded.
 #include <torch/extension.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +22,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -361,6 +366,23 @@ class Scratch {
   T* data_;
 };
 
+// Tasks handed out one at a time to torch's intra-op threads, each thread taking the next as it finishes one:
+// causal tiles differ in work, and a static split would leave threads idle. Every task writes memory no other
+// task touches, so the result does not depend on which thread ran which.
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t n) : n_(n) {}
+  int64_t threads() const { return std::min<int64_t>(n_, at::get_num_threads()); }  // for at::parallel_for
+  bool take(int64_t& task) {
+    task = next_.fetch_add(1, std::memory_order_relaxed);
+    return task < n_;
+  }
+
+ private:
+  const int64_t n_;
+  std::atomic<int64_t> next_{0};
+};
+
 // The elements of the panels diagonal_scores packs kw keys into (kw rounded up to whole panels, times D).
 template <typename T>
 int64_t panel_size(int64_t D, int64_t kw) {
@@ -400,11 +422,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const T scale = static_cast<T>(scale_);
   const Strided<T> Q(q), K(k), V(v), O(out), LSE(lse);
 
-  at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
+  TaskQueue queue(B * H * tiles);
+  at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
     const FlushDenormals ftz;
     Scratch<T> scores(std::min(kQueryTile, L) * ld), packed(panel_size<T>(D, std::min(kQueryTile, S)));
     std::vector<T> shift(kQueryTile), row_sum(kQueryTile);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; queue.take(task);) {
       const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
       const int64_t m = t * kQueryTile, qb = std::min(kQueryTile, L - m);
       T* o = O.at(b, h, m);
@@ -455,6 +478,24 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
+// Boundaries of `parts` runs of a kv head's (query head, query tile) items, item = head * tiles + tile, of about
+// equal work (a causal tile's work grows with the keys it sees): cut[p] .. cut[p + 1] is part p.
+inline std::vector<int64_t> cut_by_work(bool causal, int64_t L, int64_t S, int64_t tiles, int64_t group,
+                                        int64_t parts) {
+  std::vector<double> done(group * tiles + 1, 0.0);  // work of the items before each one
+  for (int64_t item = 0; item < group * tiles; ++item) {
+    const int64_t m = item % tiles * kQueryTile, qb = std::min(kQueryTile, L - m);
+    const double keys = dense_keys(causal, m, S) + 0.5 * diagonal_keys(causal, m, qb, S);
+    done[item + 1] = done[item] + qb * (keys + 64);  // + 64: a tile's own cost, as if it saw 64 more keys
+  }
+  std::vector<int64_t> cut(parts + 1, group * tiles);
+  for (int64_t p = 0, item = 0; p < parts; ++p) {
+    while (done[item] < done.back() * p / parts) ++item;
+    cut[p] = item;
+  }
+  return cut;
+}
+
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
@@ -464,66 +505,89 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const T scale = static_cast<T>(scale_);
   const Strided<T> Q(q), K(k), V(v), dO(dout), O(out), LSE(lse), dQ(dq), dK(dk), dV(dv);
 
-  // One task per (batch, kv head): it owns that head's dK/dV, so tasks never write the same memory.
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // A task is a part of the (query head, query tile) items of one (batch, kv head) pair, and owns its dQ rows. Part 0
+  // adds into the pair's dK/dV; with fewer pairs than threads, each pair is cut into parts of equal work, and
+  // parts 1.. add into zeroed spares that are summed into dK/dV after, in part order: tasks never write the same
+  // memory, and one thread count always gives the same result.
+  const int64_t tiles = (L + kQueryTile - 1) / kQueryTile, items = group * tiles, pairs = B * Hkv;
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = pairs >= threads ? 1 : std::min(items, (threads + pairs - 1) / pairs);
+  const std::vector<int64_t> cut = cut_by_work(causal, L, S, tiles, group, parts);
+  std::vector<T> spares((parts - 1) * pairs * 2 * S * D);  // dK then dV of (part, pair), rows of D; zeros
+  TaskQueue queue(pairs * parts);
+  at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
     const FlushDenormals ftz;
     const int64_t tile = std::min(kQueryTile, L) * ld;  // small blocks, small buffers
     Scratch<T> p_buf(tile), ds_buf(tile), packed(panel_size<T>(D, std::min(kQueryTile, S)));
-    std::vector<T> delta(L);
+    std::vector<T> delta(kQueryTile);
     T *p = p_buf.data(), *ds = ds_buf.data();
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, hk = task % Hkv;
-      T* dk_h = dK.at(b, hk);
-      T* dv_h = dV.at(b, hk);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t i = 0; i < L; ++i) delta[i] = dot_in_double(dO.at(b, h, i), O.at(b, h, i), D);  // dO_i . O_i
-        for (int64_t m = 0; m < L; m += kQueryTile) {
-          const int64_t qb = std::min(kQueryTile, L - m);
-          const T* q_rows = Q.at(b, h, m);
-          const T* do_rows = dO.at(b, h, m);
-          const T* lse_rows = LSE.at(b, h, m);
-          T* dq_rows = dQ.at(b, h, m);
-          // From scores (p) and dO V^T (ds), for row i's first len(i) keys: P = exp(scores - lse) and
-          // dS = scale * P * (dP - delta); zeros after them, up to valid(i).
-          auto gradients = [&](auto len, auto valid) {
-            for (int64_t i = 0; i < qb; ++i) {
-              T* pr = p + i * ld;
-              T* dsr = ds + i * ld;
-              const int64_t n = len(i);
-              exp_shifted(pr, n, lse_rows[i * LSE.row]);
-              const T di = delta[m + i];
-              const Vec<T> dl(di), sc(scale);
-              int64_t j = 0;
-              for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-                (Vec<T>::loadu(pr + j) * (Vec<T>::loadu(dsr + j) - dl) * sc).store(dsr + j);
-              }
-              for (; j < n; ++j) dsr[j] = pr[j] * (dsr[j] - di) * scale;
-              std::fill(pr + n, pr + valid(i), T(0));
-              std::fill(dsr + n, dsr + valid(i), T(0));
+    for (int64_t task; queue.take(task);) {
+      const int64_t pair = task / parts, part = task % parts, b = pair / Hkv, hk = pair % Hkv;
+      T* spare = part == 0 ? nullptr : spares.data() + ((part - 1) * pairs + pair) * 2 * S * D;
+      T* dk_h = part == 0 ? dK.at(b, hk) : spare;
+      T* dv_h = part == 0 ? dV.at(b, hk) : spare + S * D;
+      const int64_t ldk = part == 0 ? dK.row : D, ldv = part == 0 ? dV.row : D;
+      for (int64_t item = cut[part]; item < cut[part + 1]; ++item) {
+        const int64_t h = hk * group + item / tiles, m = item % tiles * kQueryTile, qb = std::min(kQueryTile, L - m);
+        for (int64_t i = 0; i < qb; ++i) delta[i] = dot_in_double(dO.at(b, h, m + i), O.at(b, h, m + i), D);  // dO.O
+        const T* q_rows = Q.at(b, h, m);
+        const T* do_rows = dO.at(b, h, m);
+        const T* lse_rows = LSE.at(b, h, m);
+        T* dq_rows = dQ.at(b, h, m);
+        // From scores (p) and dO V^T (ds), for row i's first len(i) keys: P = exp(scores - lse) and
+        // dS = scale * P * (dP - delta); zeros after them, up to valid(i).
+        auto gradients = [&](auto len, auto valid) {
+          for (int64_t i = 0; i < qb; ++i) {
+            T* pr = p + i * ld;
+            T* dsr = ds + i * ld;
+            const int64_t n = len(i);
+            exp_shifted(pr, n, lse_rows[i * LSE.row]);
+            const T di = delta[i];
+            const Vec<T> dl(di), sc(scale);
+            int64_t j = 0;
+            for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+              (Vec<T>::loadu(pr + j) * (Vec<T>::loadu(dsr + j) - dl) * sc).store(dsr + j);
             }
-          };
-          auto dense_chunk = [&](int64_t n, int64_t kb, auto all) {
-            gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, ld);  // scores
-            gemm('T', 'N', kb, qb, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), ds, ld);  // dO V^T
-            gradients(all, all);
-            // dV += P^T dO;  dQ += dS K;  dK += dS^T Q
-            gemm('N', 'T', D, kb, qb, T(1), do_rows, dO.row, p, ld, T(1), dv_h + n * dV.row, dV.row);
-            gemm('N', 'N', D, qb, kb, T(1), K.at(b, hk, n), K.row, ds, ld, T(1), dq_rows, dQ.row);
-            gemm('N', 'T', D, kb, qb, T(1), q_rows, Q.row, ds, ld, T(1), dk_h + n * dK.row, dK.row);
-          };
-          auto diagonal_square = [&](int64_t kw, auto len, auto valid) {  // the same five products
-            diagonal_scores(q_rows, Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, p, ld, packed.data());
-            diagonal_scores(do_rows, dO.row, V.at(b, hk, m), V.row, qb, kw, D, T(1), ds, ld, packed.data());
-            gradients(len, valid);
-            diagonal_transposed_times(p, ld, do_rows, dO.row, qb, kw, D, dv_h + m * dV.row, dV.row);
-            diagonal_rows_times(ds, ld, K.at(b, hk, m), K.row, qb, kw, D, dq_rows, dQ.row);
-            diagonal_transposed_times(ds, ld, q_rows, Q.row, qb, kw, D, dk_h + m * dK.row, dK.row);
-          };
-          for_each_piece(causal, m, qb, S, dense_chunk, diagonal_square);
-        }
+            for (; j < n; ++j) dsr[j] = pr[j] * (dsr[j] - di) * scale;
+            std::fill(pr + n, pr + valid(i), T(0));
+            std::fill(dsr + n, dsr + valid(i), T(0));
+          }
+        };
+        auto dense_chunk = [&](int64_t n, int64_t kb, auto all) {
+          gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, ld);  // scores
+          gemm('T', 'N', kb, qb, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), ds, ld);  // dO V^T
+          gradients(all, all);
+          // dV += P^T dO;  dQ += dS K;  dK += dS^T Q
+          gemm('N', 'T', D, kb, qb, T(1), do_rows, dO.row, p, ld, T(1), dv_h + n * ldv, ldv);
+          gemm('N', 'N', D, qb, kb, T(1), K.at(b, hk, n), K.row, ds, ld, T(1), dq_rows, dQ.row);
+          gemm('N', 'T', D, kb, qb, T(1), q_rows, Q.row, ds, ld, T(1), dk_h + n * ldk, ldk);
+        };
+        auto diagonal_square = [&](int64_t kw, auto len, auto valid) {  // the same five products
+          diagonal_scores(q_rows, Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, p, ld, packed.data());
+          diagonal_scores(do_rows, dO.row, V.at(b, hk, m), V.row, qb, kw, D, T(1), ds, ld, packed.data());
+          gradients(len, valid);
+          diagonal_transposed_times(p, ld, do_rows, dO.row, qb, kw, D, dv_h + m * ldv, ldv);
+          diagonal_rows_times(ds, ld, K.at(b, hk, m), K.row, qb, kw, D, dq_rows, dQ.row);
+          diagonal_transposed_times(ds, ld, q_rows, Q.row, qb, kw, D, dk_h + m * ldk, ldk);
+        };
+        for_each_piece(causal, m, qb, S, dense_chunk, diagonal_square);
       }
     }
   });
+  if (parts > 1) {  // dK/dV += the spares, part by part
+    at::parallel_for(0, pairs * S, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t pair = row / S, j = row % S;
+        T* dk_row = dK.at(pair / Hkv, pair % Hkv, j);
+        T* dv_row = dV.at(pair / Hkv, pair % Hkv, j);
+        for (int64_t part = 1; part < parts; ++part) {
+          const T* spare = spares.data() + ((part - 1) * pairs + pair) * 2 * S * D + j * D;
+          for (int64_t d = 0; d < D; ++d) dk_row[d] += spare[d];
+          for (int64_t d = 0; d < D; ++d) dv_row[d] += spare[S * D + d];
+        }
+      }
+    });
+  }
 }
 
 }  // namespace
@@ -559,4 +623,9 @@ void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_", &flash_forward_, "fold a block into the running (out, lse), in place");
   m.def("backward_", &flash_backward_, "add a block's gradients into (dq, dk, dv), in place");
+#ifdef INTRA_OP_PARALLEL
+  m.attr("intra_op_parallel") = true;  // tasks run on torch's intra-op (OpenMP) threads
+#else
+  m.attr("intra_op_parallel") = false;  // built without OpenMP: one thread
+#endif
 }
