@@ -478,6 +478,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
+constexpr int64_t kSpareBytes = int64_t(256) << 20;  // the most the backward allocates for spare dK/dV
+
 // Boundaries of `parts` runs of a kv head's (query head, query tile) items, item = head * tiles + tile, of about
 // equal work (a causal tile's work grows with the keys it sees): cut[p] .. cut[p + 1] is part p.
 inline std::vector<int64_t> cut_by_work(bool causal, int64_t L, int64_t S, int64_t tiles, int64_t group,
@@ -507,11 +509,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
   // A task is a part of the (query head, query tile) items of one (batch, kv head) pair, and owns its dQ rows. Part 0
   // adds into the pair's dK/dV; with fewer pairs than threads, each pair is cut into parts of equal work, and
-  // parts 1.. add into zeroed spares that are summed into dK/dV after, in part order: tasks never write the same
-  // memory, and one thread count always gives the same result.
+  // parts 1.. add into zeroed spares (at most kSpareBytes of them) that are summed into dK/dV after, in part
+  // order: tasks never write the same memory, and one thread count always gives the same result.
   const int64_t tiles = (L + kQueryTile - 1) / kQueryTile, items = group * tiles, pairs = B * Hkv;
   const int64_t threads = at::get_num_threads();
-  const int64_t parts = pairs >= threads ? 1 : std::min(items, (threads + pairs - 1) / pairs);
+  const int64_t part_bytes = std::max<int64_t>(1, pairs * 2 * S * D * int64_t(sizeof(T)));  // a part's spares
+  const int64_t parts =
+      pairs >= threads ? 1 : std::min({items, (threads + pairs - 1) / pairs, 1 + kSpareBytes / part_bytes});
   const std::vector<int64_t> cut = cut_by_work(causal, L, S, tiles, group, parts);
   std::vector<T> spares((parts - 1) * pairs * 2 * S * D);  // dK then dV of (part, pair), rows of D; zeros
   TaskQueue queue(pairs * parts);
