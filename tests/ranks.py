@@ -17,6 +17,10 @@ def run_ranks(fn, world_size: int, *args):
     return launch(fn, world_size, *args, timeout_s=RANK_TIMEOUT_S)
 
 
+def intra_op_threads() -> int:
+    return torch.get_num_threads()
+
+
 def cached(fn):
     """Memoize a launch: many parametrized tests read the results of one multi-rank run."""
     return functools.lru_cache(maxsize=None)(fn)

@@ -89,6 +89,7 @@ def test_results_round_trip_through_the_launcher_format():
     (["--heads", "3", "--kv-heads", "2"], r"--heads \(3\) must be a positive multiple of --kv-heads \(2\)"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--world-size", "0"], "--world-size must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bench_rejects_bad_arguments_before_launching(argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import faulty_ranks
+from ranks import intra_op_threads
 from striped_attention.launch import LaunchError, launch
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inspects processes in /proc")
@@ -159,6 +160,10 @@ def test_results_by_rank_on_loopback_only(tmp_path, monkeypatch):
     assert survivors([pid for pid, _, _ in results], 0) == []
     assert faulty_ranks.listening_sockets(os.getpid()) == [], "the rendezvous store outlived the launch"
     assert {s: signal.getsignal(s) for s in handlers} == handlers, "signal handlers not restored"
+
+
+def test_each_rank_runs_on_the_threads_asked_for():
+    assert launch(intra_op_threads, 2, threads_per_rank=3) == [3, 3]
 
 
 @pytest.mark.parametrize("name", [*FAILING, *LAUNCHER])

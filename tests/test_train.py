@@ -289,8 +289,16 @@ def test_help_explains_every_flag(capsys):
         cli_main(["train", "--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--seq-len", "--world-size", "--dp", "--layout", "--steps", "--lr", "--seed", "--dtype",
-                 "--log-json", "--checkpoint-dir", "--resume", "--eval-every", "--batch"):
+                 "--log-json", "--checkpoint-dir", "--resume", "--eval-every", "--batch", "--threads"):
         assert flag in text
+
+
+def test_threads_apply_to_a_single_process_run_and_are_restored(monkeypatch):
+    seen = []
+    monkeypatch.setattr(T, "train_on_rank", lambda cfg: seen.append(torch.get_num_threads()) or [])
+    T.run(replace(BASE, threads=3))
+    T.run(BASE)  # None: the process's own setting (1, from the fixture)
+    assert seen == [3, 1] and torch.get_num_threads() == 1
 
 
 @pytest.mark.parametrize(
@@ -304,6 +312,7 @@ def test_help_explains_every_flag(capsys):
         (dict(dtype="float16"), "dtype must be one of"),
         (dict(resume=True), "resume needs checkpoint_dir"),
         (dict(steps=0), "steps must be >= 1"),
+        (dict(threads=0), "threads must be >= 1"),
     ],
 )
 def test_bad_config(changes, message):

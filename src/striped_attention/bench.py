@@ -45,6 +45,7 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     head_groups: int | None = None  # ring_attention's head_groups; None is its default
+    threads: int = 1  # torch intra-op threads of each rank (on CPU, the cores it may use)
     backend: str = "auto"  # ring_attention's kernel backend
 
 
@@ -232,9 +233,10 @@ def run(cfg: BenchConfig, *, progress: bool = False) -> list[Result]:
     from .launch import init_distributed, launch, under_torchrun
 
     if under_torchrun():
-        device = init_distributed(cfg.device, threads=1 if cfg.device == "cpu" else None)
+        device = init_distributed(cfg.device, threads=cfg.threads if cfg.device == "cpu" else None)
         return measure(cfg, device, progress=_rank_progress(progress))
-    per_rank = launch(_measure_on_rank, cfg.world_size, cfg, progress, device=cfg.device)
+    per_rank = launch(_measure_on_rank, cfg.world_size, cfg, progress, device=cfg.device,
+                      threads_per_rank=cfg.threads)
     return [Result(**r) for r in per_rank[0]]
 
 
@@ -330,8 +332,9 @@ ranks start together, the slowest ends it), the speedup over contiguous, the sca
 T(1 rank) / (N x T(N ranks)), and for each rank and ring step the time it computed and the time it then
 waited for the next K/V block.
 
-Local ranks: gloo on CPU with one thread each, or NCCL with one GPU each (--device cuda). Under torchrun it
-uses the launched ranks, across machines too, and ignores --world-size; only rank 0 prints and writes files.
+Local ranks: gloo on CPU with one thread each (--threads), or NCCL with one GPU each (--device cuda). Under
+torchrun it uses the launched ranks, across machines too, and ignores --world-size; only rank 0 prints and
+writes files.
 """
 
 PASS_CHOICES = {"fwd": ("fwd",), "fwd+bwd": ("fwd+bwd",), "both": PASSES}
@@ -399,8 +402,11 @@ def add_parser(subparsers) -> None:
     )
     defaults = BenchConfig()
     p.add_argument("--world-size", metavar="N", type=int, default=defaults.world_size,
-                   help="local ranks (processes): gloo on CPU with one thread each, or NCCL with one GPU each "
-                        "for --device cuda (default: %(default)s)")
+                   help="local ranks (processes): gloo on CPU with --threads threads each, or NCCL with one GPU "
+                        "each for --device cuda (default: %(default)s)")
+    p.add_argument("--threads", metavar="N", type=int, default=defaults.threads,
+                   help="torch intra-op threads of each rank: on CPU the cores each rank computes on (default: "
+                        "%(default)s, the README's figures; the ranks of one machine should not share cores)")
     add_workload_arguments(p, defaults)
     p.add_argument("--head-groups", metavar="N", type=int,
                    help="split the kv heads into N groups and run the ring once per group, one after the other: "
@@ -419,10 +425,11 @@ def main(args) -> int:
     from .launch import under_torchrun
 
     try:
-        if args.world_size < 1:
-            raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+        for flag, value in (("--world-size", args.world_size), ("--threads", args.threads)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         cfg = BenchConfig(world_size=args.world_size, baseline=args.baseline, check=args.check,
-                          head_groups=args.head_groups, **workload_fields(args))
+                          head_groups=args.head_groups, threads=args.threads, **workload_fields(args))
         if cfg.head_groups is not None:
             check_head_groups(cfg.head_groups, cfg.kv_heads)
         for name in cfg.layouts * (not under_torchrun()):  # under torchrun the ranks check their own world
@@ -432,6 +439,7 @@ def main(args) -> int:
     lead = not under_torchrun() or int(os.environ["RANK"]) == 0
     if lead:
         ranks = "torchrun's ranks" if under_torchrun() else f"{cfg.world_size} local {cfg.device} rank(s)"
+        ranks += f" x {cfg.threads} thread(s)" if cfg.device == "cpu" else ""
         print(f"{'causal ' if cfg.causal else ''}attention, {cfg.seq_len} tokens x {cfg.batch} over {ranks}, "
               f"{cfg.heads} heads / {cfg.kv_heads} kv heads, head_dim {cfg.head_dim}, {cfg.dtype}; "
               f"median of {cfg.repeats} after {cfg.warmup} warm-up, variants interleaved", flush=True)

@@ -86,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints (and one after the last step)
     resume: bool = False
     device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads of each rank; None: 1 per CPU rank of several, else torch's
     progress: bool = True
 
     def __post_init__(self):
@@ -94,6 +95,8 @@ class TrainConfig:
         for name in ("seq_len", "batch", "world_size", "dp", "steps", "eval_batches", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         for name in ("warmup_steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -475,14 +478,19 @@ def run(cfg: TrainConfig) -> list[dict]:
     """Train on ``cfg.world_size`` local ranks (started here, or torchrun's); return rank 0's records."""
     from .launch import init_distributed, launch, under_torchrun
 
-    threads = 1 if cfg.device == "cpu" else None
+    threads = cfg.threads if cfg.threads is not None else 1 if cfg.device == "cpu" else None  # of several ranks
     if cfg.resume:
         resumable_state(cfg, mmap=True)  # fail here, before starting ranks, if it cannot resume
     if under_torchrun():
         init_distributed(cfg.device, threads=threads)
         return train_on_rank(replace(cfg, world_size=dist.get_world_size()))
     if cfg.world_size == 1:
-        return train_on_rank(cfg)
+        before = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads or before)
+        try:
+            return train_on_rank(cfg)
+        finally:
+            torch.set_num_threads(before)
     return launch(train_on_rank, cfg.world_size, cfg, device=cfg.device, threads_per_rank=threads)[0]
 
 
@@ -498,8 +506,9 @@ def add_parser(subparsers) -> None:
         help="train a Llama-style decoder on byte-level Python source with context parallelism",
         description=(
             "Train a causal Llama-style decoder on the Python standard library's source (bytes) with the "
-            "sequence sharded over local ranks (1 thread each on CPU). Each sequence is sharded once per step "
-            "with --layout; attention runs on the ring; losses and updates equal single-device training. "
+            "sequence sharded over local ranks (1 thread each on CPU unless --threads). Each sequence is sharded "
+            "once per step with --layout; attention runs on the ring; losses and updates equal single-device "
+            "training. "
             "Under torchrun the launched ranks are used instead of --world-size."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -529,6 +538,9 @@ def add_parser(subparsers) -> None:
     add("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     add("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same curve, bit for bit)")
     add("--device", default=d.device, choices=["cpu", "cuda"], help="cpu: gloo ranks; cuda: one GPU per rank, NCCL")
+    add("--threads", type=int, metavar="N",
+        help="torch intra-op threads of each rank (default: 1 per rank on CPU when there are several ranks, "
+             "torch's own default in a single process)")
     add("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
     p.set_defaults(func=main)
 
