@@ -172,6 +172,17 @@ def test_compiled_cpu_kernel_on_several_threads(batch, heads, kv_heads, dtype, t
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("batch, q_len, k_len", [(1, 0, 5), (1, 5, 0), (1, 0, 0), (0, 5, 5)])
+def test_compiled_cpu_kernel_on_empty_pieces_and_several_threads(batch, q_len, k_len):
+    """A piece without queries or without keys (a striped shifted block of one token) adds nothing."""
+    q, k, v = _inputs(torch.float32, 2, 1, q_len=q_len, k_len=k_len, batch=batch)
+    out, lse = kernels.no_keys_seen(q)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    with _threads(3):
+        kernels.cpu_extension().backward_(torch.ones_like(q), q, k, v, out, lse, dq, dk, dv, True, 0.2)
+    assert not dq.any() and not dk.any() and not dv.any()
+
+
 def test_compiled_cpu_kernel_on_overlapping_and_single_rows():
     q, k, v = _inputs(torch.float32, q_len=37, k_len=37)
     flat = torch.randn(2, 2, 38 * 12, generator=torch.Generator().manual_seed(3))

@@ -506,6 +506,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t group = H / Hkv, ld = round_up<T>(std::min(kKeyTile, S));
   const T scale = static_cast<T>(scale_);
   const Strided<T> Q(q), K(k), V(v), dO(dout), O(out), LSE(lse), dQ(dq), dK(dk), dV(dv);
+  if (B == 0 || L == 0 || S == 0) return;  // no query or no key: nothing to add
 
   // A task is a part of the (query head, query tile) items of one (batch, kv head) pair, and owns its dQ rows. Part 0
   // adds into the pair's dK/dV; with fewer pairs than threads, each pair is cut into parts of equal work, and
