@@ -54,17 +54,17 @@ def main(argv=None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA GPU here")
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.dtype}")
-        args.threads = [torch.get_num_threads()]  # not the GPU's
+    thread_counts = args.threads if device.type == "cpu" else [None]  # None: leave torch's setting
     if "own" in names and kernels.cpu_extension() is None:
         raise SystemExit("the compiled CPU kernel is unavailable here (see the warning above)")
-    threads_column = device.type == "cpu" and args.threads != [1]
+    threads_column = thread_counts not in ([1], [None])
     print(f"| tokens per rank | kernel |{' threads |' * threads_column} pass | full block ms | striped s<=r | "
           f"striped s>r | zigzag s<r | zigzag s>r |")
     print(f"|---:|---|{'---:|' * threads_column}---|---:|---:|---:|---:|---:|")
-    runs = ((c, kernel, n) for c in args.tokens for kernel in names for n in args.threads)
+    runs = ((c, kernel, n) for c in args.tokens for kernel in names for n in thread_counts)
     for c, kernel, threads in runs:
         backend = KERNELS[kernel]
-        if device.type == "cpu":
+        if threads is not None:
             torch.set_num_threads(threads)
         q, dout = (torch.randn(1, args.heads, c, args.head_dim).to(device, dtype) for _ in range(2))
         k, v = (torch.randn(1, kv_heads, c, args.head_dim).to(device, dtype) for _ in range(2))

@@ -478,7 +478,9 @@ def run(cfg: TrainConfig) -> list[dict]:
     """Train on ``cfg.world_size`` local ranks (started here, or torchrun's); return rank 0's records."""
     from .launch import init_distributed, launch, under_torchrun
 
-    threads = cfg.threads if cfg.threads is not None else 1 if cfg.device == "cpu" else None  # of several ranks
+    threads = cfg.threads  # of each rank; by default one per CPU rank, so that local ranks do not share cores
+    if threads is None and cfg.device == "cpu":
+        threads = 1
     if cfg.resume:
         resumable_state(cfg, mmap=True)  # fail here, before starting ranks, if it cannot resume
     if under_torchrun():
