@@ -147,6 +147,36 @@ def test_compiled_cpu_kernel_is_built_for_torch_threads():
     assert kernels.cpu_extension().intra_op_parallel
 
 
+def test_kernel_build_without_openmp_then_without_kernel(monkeypatch):
+    """A compiler without OpenMP still gets the kernel (one thread, with a warning); no compiler, torch's."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    tried = []
+
+    def load(name, sources, extra_cflags, extra_ldflags):
+        tried.append("-fopenmp" in extra_cflags)
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("omp.h: no such file")
+        return "module"
+
+    monkeypatch.setattr(kernels, "_OPENMP", True)
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(kernels, "_extension", [])
+    with pytest.warns(RuntimeWarning, match="building it without: it will compute on one thread"):
+        assert kernels.cpu_extension() == "module"
+    assert tried == [True, False]
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernels, "_extension", [])
+    with pytest.warns(RuntimeWarning) as caught:
+        assert kernels.cpu_extension() is None
+    assert ["with OpenMP" in str(w.message) for w in caught] == [True, False]
+    assert "using torch's CPU flash kernel instead" in str(caught[-1].message)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize(

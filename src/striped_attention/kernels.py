@@ -124,7 +124,8 @@ _extension: list = []  # [module or None], once loaded or failed
 
 def cpu_extension():
     """The compiled CPU kernel module (float32, float64), building it on first use (about 30 s, cached by torch
-    under $TORCH_EXTENSIONS_DIR); None, with one warning, where it cannot be built (no C++ compiler, no ninja)."""
+    under $TORCH_EXTENSIONS_DIR); None, with one warning, where it cannot be built (no C++ compiler, no ninja).
+    Where the compiler has no OpenMP, it is built without, with a warning: then it computes on one thread."""
     if not _extension:
         capability = torch.backends.cpu.get_cpu_capability()
         vec = capability if capability in _VEC_FLAGS else "DEFAULT"
@@ -132,14 +133,21 @@ def cpu_extension():
         flags = ["-O3", *_VEC_FLAGS.get(vec, []), f"-DCPU_CAPABILITY={vec}"]
         flags += [f"-DCPU_CAPABILITY_{vec}"] if vec != "DEFAULT" else []
         # without -fopenmp, at::parallel_for in the kernel would run its tasks one after the other
-        openmp = ["-fopenmp"] if _OPENMP else []
-        try:
-            from torch.utils.cpp_extension import load
+        tries = [["-fopenmp"], []] if _OPENMP else [[]]
+        for openmp in tries:
+            try:
+                from torch.utils.cpp_extension import load
 
-            _extension.append(load(name, [str(_CSRC)], extra_cflags=flags + openmp, extra_ldflags=openmp))
-        except Exception as e:  # noqa: BLE001 - any build failure means: use torch's kernel instead
-            warnings.warn(f"striped_attention: could not build the CPU flash kernel ({type(e).__name__}: {e}); "
-                          "using torch's CPU flash kernel instead", RuntimeWarning, stacklevel=2)
+                _extension.append(load(name, [str(_CSRC)], extra_cflags=flags + openmp, extra_ldflags=openmp))
+                break
+            except Exception as e:  # noqa: BLE001 - any build failure: try without OpenMP, then use torch's kernel
+                failure = f"{type(e).__name__}: {e}"
+                if openmp:
+                    warnings.warn(f"striped_attention: could not build the CPU flash kernel with OpenMP ({failure}); "
+                                  "building it without: it will compute on one thread", RuntimeWarning, stacklevel=2)
+        else:
+            warnings.warn(f"striped_attention: could not build the CPU flash kernel ({failure}); using torch's CPU "
+                          "flash kernel instead", RuntimeWarning, stacklevel=2)
             _extension.append(None)
     return _extension[0]
 
