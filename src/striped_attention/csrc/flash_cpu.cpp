@@ -389,6 +389,8 @@ int64_t panel_size(int64_t D, int64_t kw) {
   return D * (round_up<T>(kw) + kPanel * Vec<T>::size());
 }
 
+inline int64_t query_tiles(int64_t L) { return (L + kQueryTile - 1) / kQueryTile; }  // the last may be short
+
 // The keys [0, dense) every query of the tile [m, m + qb) sees whole, and the width of the diagonal square
 // after them (its first row sees one key of it, its last min(qb, kw)). Without a mask: every key, no square.
 inline int64_t dense_keys(bool causal, int64_t m, int64_t S) { return causal ? std::min(m, S) : S; }
@@ -417,7 +419,7 @@ template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, bool causal, double scale_) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
-  const int64_t group = H / k.size(1), tiles = (L + kQueryTile - 1) / kQueryTile;
+  const int64_t group = H / k.size(1), tiles = query_tiles(L);
   const int64_t ld = round_up<T>(std::min(kKeyTile, S));  // score rows; the diagonal is narrower (kQueryTile)
   const T scale = static_cast<T>(scale_);
   const Strided<T> Q(q), K(k), V(v), O(out), LSE(lse);
@@ -512,13 +514,14 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   // adds into the pair's dK/dV; with fewer pairs than threads, each pair is cut into parts of equal work, and
   // parts 1.. add into zeroed spares (at most kSpareBytes of them) that are summed into dK/dV after, in part
   // order: tasks never write the same memory, and one thread count always gives the same result.
-  const int64_t tiles = (L + kQueryTile - 1) / kQueryTile, items = group * tiles, pairs = B * Hkv;
+  const int64_t tiles = query_tiles(L), items = group * tiles, pairs = B * Hkv;
   const int64_t threads = at::get_num_threads();
   const int64_t part_bytes = std::max<int64_t>(1, pairs * 2 * S * D * int64_t(sizeof(T)));  // a part's spares
   const int64_t parts =
       pairs >= threads ? 1 : std::min({items, (threads + pairs - 1) / pairs, 1 + kSpareBytes / part_bytes});
   const std::vector<int64_t> cut = cut_by_work(causal, L, S, tiles, group, parts);
   std::vector<T> spares((parts - 1) * pairs * 2 * S * D);  // dK then dV of (part, pair), rows of D; zeros
+  auto spare_of = [&](int64_t part, int64_t pair) { return spares.data() + ((part - 1) * pairs + pair) * 2 * S * D; };
   TaskQueue queue(pairs * parts);
   at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
     const FlushDenormals ftz;
@@ -528,9 +531,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
     T *p = p_buf.data(), *ds = ds_buf.data();
     for (int64_t task; queue.take(task);) {
       const int64_t pair = task / parts, part = task % parts, b = pair / Hkv, hk = pair % Hkv;
-      T* spare = part == 0 ? nullptr : spares.data() + ((part - 1) * pairs + pair) * 2 * S * D;
-      T* dk_h = part == 0 ? dK.at(b, hk) : spare;
-      T* dv_h = part == 0 ? dV.at(b, hk) : spare + S * D;
+      T* dk_h = part == 0 ? dK.at(b, hk) : spare_of(part, pair);
+      T* dv_h = part == 0 ? dV.at(b, hk) : spare_of(part, pair) + S * D;
       const int64_t ldk = part == 0 ? dK.row : D, ldv = part == 0 ? dV.row : D;
       for (int64_t item = cut[part]; item < cut[part + 1]; ++item) {
         const int64_t h = hk * group + item / tiles, m = item % tiles * kQueryTile, qb = std::min(kQueryTile, L - m);
@@ -586,7 +588,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         T* dk_row = dK.at(pair / Hkv, pair % Hkv, j);
         T* dv_row = dV.at(pair / Hkv, pair % Hkv, j);
         for (int64_t part = 1; part < parts; ++part) {
-          const T* spare = spares.data() + ((part - 1) * pairs + pair) * 2 * S * D + j * D;
+          const T* spare = spare_of(part, pair) + j * D;
           for (int64_t d = 0; d < D; ++d) dk_row[d] += spare[d];
           for (int64_t d = 0; d < D; ++d) dv_row[d] += spare[S * D + d];
         }
