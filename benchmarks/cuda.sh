@@ -35,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
     | tee -a "$out/gpu.txt"
 
-step tests 150 $py -m pytest -q --tb=short -p no:cacheprovider tests/test_cuda.py
+step tests 150 $py -m pytest --tb=short -p no:cacheprovider tests/test_cuda.py
 step kernels 60 $py benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 8192 16384 32768 \
     --heads 32 --head-dim 128 --repeats 10
 for backend in cudnn flash; do

@@ -145,3 +145,49 @@ def test_ranks_sharing_the_gpu(world):
     for rank_errors in run_ranks(run_on_shared_gpu, world):
         for (name, causal, dtype), errors in rank_errors.items():
             assert max(errors) <= TOL[getattr(torch, dtype)], (name, causal, dtype, errors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What users run on the GPU: the training recipe and a transformers model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_training_on_cuda():
+    """The recipe's model on one GPU: float32 step-1 gradients equal the CPU's (other kernels and summation
+    orders, hence 1e-4 where CPU-vs-CPU tests ask 1e-5); under bfloat16 autocast it learns like on the CPU."""
+    from dataclasses import replace
+
+    from striped_attention import train as T
+    from test_train import BASE, first_step_gradients, reference, relative
+
+    gpu = first_step_gradients(replace(BASE, device="cuda"), T.Parallel())
+    assert gpu.is_cuda and relative(gpu.cpu(), first_step_gradients(BASE, T.Parallel())) < 1e-4
+
+    losses = [r["loss"] for r in T.train_on_rank(replace(BASE, device="cuda", dtype="bfloat16"))]
+    want = [r["loss"] for r in reference()]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3
+    assert abs(losses[0] / want[0] - 1) < 1e-2, (losses[0], want[0])  # step 1: before any update
+
+
+def test_a_transformers_model_on_cuda():
+    """A world of one serving a transformers model on the GPU: logits, loss and gradients equal its own sdpa's."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from striped_attention.integrations.transformers import prepare, shard_inputs
+    from test_transformers import TOL as HF_TOL
+    from test_transformers import inputs, tiny_model
+
+    ids, labels = (t.cuda() for t in inputs())
+    ref = tiny_model("llama").cuda()
+    want = ref(input_ids=ids, labels=labels)
+    want.loss.backward()
+    model = prepare(copy.deepcopy(ref))
+    model.zero_grad()
+    got = model(**shard_inputs(input_ids=ids, labels=labels))
+    got.loss.backward()
+    assert got.logits.is_cuda and model.config._attn_implementation.startswith("striped_attention")
+    assert relative_error(got.logits.detach(), want.logits.double()) <= HF_TOL
+    assert abs(got.loss.item() / want.loss.item() - 1) <= HF_TOL
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert relative_error(p.grad, q.grad.double()) <= HF_TOL

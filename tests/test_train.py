@@ -54,9 +54,10 @@ def reference_gradients() -> torch.Tensor:
 
 def first_step_gradients(cfg: T.TrainConfig, par: T.Parallel) -> torch.Tensor:
     """All parameter gradients of step 1, averaged over the ranks, flattened."""
-    model, _ = T.build_model_and_optimizer(cfg, torch.device("cpu"))
+    device = torch.device(cfg.device)
+    model, _ = T.build_model_and_optimizer(cfg, device)
     ids, labels = T.training_batch(T.load_corpus(cfg.data, val_percent=cfg.val_percent), 1, cfg)
-    batch = T.local_batch(ids, labels, layout=cfg.layout, par=par)
+    batch = T.local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par)
     T.local_loss(model, batch, layout=cfg.layout, par=par, dtype=cfg.dtype).backward()
     grads = [p.grad for p in model.parameters()]
     par.average_(grads)
