@@ -1,9 +1,8 @@
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from striped_attention import kernels
+from striped_attention.launch import torch_threads
 
 
 def _inputs(dtype, heads=4, kv_heads=2, q_len=37, k_len=37, d=24, seed=0, batch=2):
@@ -14,14 +13,6 @@ def _inputs(dtype, heads=4, kv_heads=2, q_len=37, k_len=37, d=24, seed=0, batch=
     return q, k, v
 
 
-@contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _assert_matches_reference(q, k, v, causal, scale, tol, backend):
@@ -196,7 +187,7 @@ def test_compiled_cpu_kernel_on_several_threads(batch, heads, kv_heads, dtype, t
         out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=0.2, backend="auto")
         return out, lse, *kernels.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=0.2)
 
-    with _threads(3):
+    with torch_threads(3):
         _assert_matches_reference(q, k, v, causal, 0.2, tol, "auto")
         first, second = run(), run()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -208,7 +199,7 @@ def test_compiled_cpu_kernel_on_empty_pieces_and_several_threads(batch, q_len, k
     q, k, v = _inputs(torch.float32, 2, 1, q_len=q_len, k_len=k_len, batch=batch)
     out, lse = kernels.no_keys_seen(q)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    with _threads(3):
+    with torch_threads(3):
         kernels.cpu_extension().backward_(torch.ones_like(q), q, k, v, out, lse, dq, dk, dv, True, 0.2)
     assert not dq.any() and not dk.any() and not dv.any()
 

@@ -22,7 +22,7 @@ import pytest
 
 import faulty_ranks
 from ranks import intra_op_threads
-from striped_attention.launch import LaunchError, launch
+from striped_attention.launch import LaunchError, launch, torch_threads
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inspects processes in /proc")
 
@@ -164,6 +164,17 @@ def test_results_by_rank_on_loopback_only(tmp_path, monkeypatch):
 
 def test_each_rank_runs_on_the_threads_asked_for():
     assert launch(intra_op_threads, 2, threads_per_rank=3) == [3, 3]
+
+
+def test_torch_threads_sets_the_count_inside_and_restores_it_after():
+    before = intra_op_threads()
+    with torch_threads(before + 2):
+        assert intra_op_threads() == before + 2
+    with pytest.raises(KeyError), torch_threads(before + 1):
+        raise KeyError
+    with torch_threads(None):
+        assert intra_op_threads() == before
+    assert intra_op_threads() == before
 
 
 @pytest.mark.parametrize("name", [*FAILING, *LAUNCHER])

@@ -12,6 +12,7 @@ import torch
 
 from ranks import cached, error_of, full_inputs, reference, relative_error, run_ranks, sharded_run
 from striped_attention import LAYOUTS, Block, Layout, kernels, positions, ring_attention, shard, unshard
+from striped_attention.launch import torch_threads
 
 
 @dataclass(frozen=True)
@@ -231,19 +232,15 @@ def test_default_head_groups_bound_the_block_in_flight_and_leave_no_cpu_thread_i
     from striped_attention.ring import GROUP_BYTES, _head_groups
 
     tokens = GROUP_BYTES // (2 * 8 * 64 * 4)  # 8 kv heads x 64 x float32: K/V of exactly GROUP_BYTES
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         assert _head_groups(None, torch.empty(1, 8, tokens, 64), world_size=2) == 1
         assert _head_groups(None, torch.empty(1, 8, tokens + 1, 64), world_size=2) == 2
         assert _head_groups(None, torch.empty(1, 8, 4 * tokens, 64), world_size=2) == 4
         assert _head_groups(None, torch.empty(1, 8, 9 * tokens, 64), world_size=2) == 8  # at most kv_heads
         assert _head_groups(None, torch.empty(1, 8, 4 * tokens, 64), world_size=1) == 1
-        torch.set_num_threads(4)
+    with torch_threads(4):
         assert _head_groups(None, torch.empty(1, 8, 4 * tokens, 64), world_size=2) == 2  # 4 pairs per group
         assert _head_groups(3, torch.empty(1, 8, 4, 64), world_size=2) == 3
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_first_piece_over_every_query_starts_the_sums_without_a_merge(monkeypatch):

@@ -20,6 +20,7 @@ from ranks import cached, run_ranks
 from striped_attention import LAYOUTS
 from striped_attention import train as T
 from striped_attention.cli import main as cli_main
+from striped_attention.launch import torch_threads
 
 # a slice of the standard library (the email package) keeps each rank's corpus load short
 BASE = T.TrainConfig(
@@ -32,10 +33,8 @@ TOL = 1e-4
 @pytest.fixture(autouse=True)
 def one_thread():
     """In-process runs use one thread, like each launched rank (and robust to a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def one_rank(**changes) -> list[dict]:

@@ -33,8 +33,9 @@ import sys
 import tempfile
 import threading
 import uuid
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,7 @@ from torch.distributed.elastic.rendezvous import (
     rendezvous_handler_registry,
 )
 
-__all__ = ["launch", "init_distributed", "under_torchrun", "LaunchError"]
+__all__ = ["launch", "init_distributed", "under_torchrun", "torch_threads", "LaunchError"]
 
 DEFAULT_TIMEOUT_S = 300.0
 SHUTDOWN_GRACE_S = 3  # seconds a rank gets to exit after the launcher is interrupted, before SIGKILL
@@ -57,6 +58,18 @@ _HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # what the elasti
 
 class LaunchError(RuntimeError):
     """A rank failed; the message names the rank and carries its error."""
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block (None: left as it is), restored after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def under_torchrun() -> bool:

@@ -25,6 +25,7 @@ import torch
 from . import ring as ring_engine
 from .bench import PASSES, Progress, random_inputs, add_workload_arguments, format_rows, plot_path, workload_fields
 from .kernels import default_scale
+from .launch import torch_threads
 from .layouts import LAYOUTS, get_layout
 from .plan import critical_path_s, ring_transfers, transfer_s
 
@@ -172,12 +173,8 @@ def simulate(cfg: SimConfig, progress=None, *, keep_outputs: bool = False):
     or None for "fwd") of the last replay, for checking. Runs with ``cfg.threads`` torch threads.
     """
     _check(cfg)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _simulate(cfg, progress, keep_outputs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _simulate(cfg: SimConfig, progress, keep_outputs: bool):

@@ -476,7 +476,7 @@ def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
 
 def run(cfg: TrainConfig) -> list[dict]:
     """Train on ``cfg.world_size`` local ranks (started here, or torchrun's); return rank 0's records."""
-    from .launch import init_distributed, launch, under_torchrun
+    from .launch import init_distributed, launch, torch_threads, under_torchrun
 
     threads = cfg.threads  # of each rank; by default one per CPU rank, so that local ranks do not share cores
     if threads is None and cfg.device == "cpu":
@@ -487,12 +487,8 @@ def run(cfg: TrainConfig) -> list[dict]:
         init_distributed(cfg.device, threads=threads)
         return train_on_rank(replace(cfg, world_size=dist.get_world_size()))
     if cfg.world_size == 1:
-        before = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads or before)
-        try:
+        with torch_threads(cfg.threads):
             return train_on_rank(cfg)
-        finally:
-            torch.set_num_threads(before)
     return launch(train_on_rank, cfg.world_size, cfg, device=cfg.device, threads_per_rank=threads)[0]
 
 
