@@ -7,6 +7,7 @@ each and run all their cases inside the ranks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -282,6 +283,21 @@ def test_command_writes_one_json_line_per_step(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in records)
     assert "val_loss" in records[1] and "val_loss" in records[2] and "val_loss" not in records[0]
     assert "step 3: loss" in capsys.readouterr().out
+
+
+def test_command_under_torchrun_reproduces_the_one_rank_curve(tmp_path):
+    """torchrun's 2 ranks run the command: one report (rank 0's), the log equals the in-process curve."""
+    log = tmp_path / "log.jsonl"
+    argv = ["--model", BASE.model, "--seq-len", BASE.seq_len, "--batch", BASE.batch, "--steps", BASE.steps,
+            "--lr", BASE.lr, "--warmup-steps", BASE.warmup_steps, "--eval-every", BASE.eval_every,
+            "--eval-batches", BASE.eval_batches, "--data", BASE.data, "--val-percent", BASE.val_percent,
+            "--log-json", log, "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "striped_attention.cli", "train", *map(str, argv)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("step 8: loss") == 1 and "2 rank(s) = dp 1 x cp 2" in done.stdout, done.stdout
+    assert_same_curve([json.loads(line) for line in log.read_text().splitlines()], reference())
 
 
 def test_help_explains_every_flag(capsys):

@@ -485,7 +485,12 @@ def run(cfg: TrainConfig) -> list[dict]:
         resumable_state(cfg, mmap=True)  # fail here, before starting ranks, if it cannot resume
     if under_torchrun():
         init_distributed(cfg.device, threads=threads)
-        return train_on_rank(replace(cfg, world_size=dist.get_world_size()))
+        try:
+            records = train_on_rank(replace(cfg, world_size=dist.get_world_size()))
+            dist.barrier()  # leave together: a rank that exits early breaks its peers' connections
+            return records
+        finally:
+            dist.destroy_process_group()
     if cfg.world_size == 1:
         with torch_threads(cfg.threads):
             return train_on_rank(cfg)
