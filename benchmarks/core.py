@@ -37,8 +37,8 @@ def main(argv=None) -> int:
           f"{cfg.dtype}, causal; median of {cfg.repeats} (1 warm-up), all variants interleaved", file=sys.stderr)
     results = run(cfg, progress=True)
     ms = {(r.layout, r.pass_): r.time_ms for r in results}
-    print(f"| pass | layout | median ms | vs contiguous | vs zigzag | scaling efficiency |")
-    print(f"|---|---|---:|---:|---:|---:|")
+    print("| pass | layout | median ms | vs contiguous | vs zigzag | scaling efficiency |")
+    print("|---|---|---:|---:|---:|---:|")
     for pass_ in cfg.passes:
         one = ms[(BASELINE, pass_)]
         print(f"| {pass_} | {BASELINE} | {one:.0f} | | | |")
