@@ -1,5 +1,6 @@
 """On a CUDA GPU (skipped without one): the CUDA kernels, the ring on one GPU, simulated ranks on it, and real
-ranks sharing it over gloo, each against float64 attention on the whole sequence.
+ranks sharing it over gloo, each against float64 attention on the whole sequence; then what users run there,
+the training recipe and a transformers model, against the CPU and the model's own attention.
 
 One GPU cannot host an NCCL ring of several ranks (NCCL refuses two ranks on one device), so the multi-rank
 test runs gloo ranks whose tensors live on the GPU: everything but the transport is the CUDA path.

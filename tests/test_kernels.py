@@ -13,8 +13,6 @@ def _inputs(dtype, heads=4, kv_heads=2, q_len=37, k_len=37, d=24, seed=0, batch=
     return q, k, v
 
 
-
-
 def _assert_matches_reference(q, k, v, causal, scale, tol, backend):
     out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale, backend=backend)
     out_r, lse_r = kernels.reference_forward(q, k, v, causal=causal, scale=scale)
