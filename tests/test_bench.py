@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict
 
@@ -9,7 +10,7 @@ import pytest
 
 from striped_attention import LAYOUTS, cli
 from striped_attention.bench import (
-    BASELINE, BenchConfig, Result, efficiencies, format_steps, format_table, paired_speedups, speedups,
+    BASELINE, BenchConfig, Progress, Result, efficiencies, format_steps, format_table, paired_speedups, speedups,
 )
 from striped_attention.ring import source_rank
 
@@ -76,6 +77,32 @@ def test_tables_speedup_and_efficiency():
     assert "efficiency" not in format_table(results[:2])  # no baseline, no column
     drifting = [Result("zigzag", "fwd", [10.0, 20.0]), Result("striped", "fwd", [9.0, 25.0]), results[2]]
     assert paired_speedups(drifting) == {("striped", "fwd"): [10 / 9, 20 / 25]}
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream, want", [
+    (Terminal(), "\rjob: 1/100 first".ljust(72) + "\rjob: 100/100 last".ljust(72) + "\n"),
+    (io.StringIO(), "job: 1/100 first\njob: 100/100 last\n"),  # a log: whole lines
+], ids=["terminal", "log"])
+def test_progress_redraws_on_a_terminal_and_writes_lines_into_a_log(stream, want):
+    progress = Progress("job", stream)
+    for done in range(1, 101):  # in a burst: the first and the last are shown
+        progress(done, 100, "first" if done == 1 else "last")
+    assert stream.getvalue() == want
+
+
+def test_progress_into_a_log_writes_a_line_every_interval(monkeypatch):
+    clock = iter([0.0, 5.0, 10.0, 19.0, 21.0])
+    monkeypatch.setattr("striped_attention.bench.time.monotonic", lambda: next(clock))
+    log = io.StringIO()
+    progress = Progress("job", log)
+    for done in range(1, 6):
+        progress(done, 9, ("step", str(done)))
+    assert log.getvalue().splitlines() == ["job: 1/9 step 1", "job: 3/9 step 3", "job: 5/9 step 5"]
 
 
 def test_results_round_trip_through_the_launcher_format():

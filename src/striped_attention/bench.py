@@ -199,19 +199,26 @@ def _check(cfg, results, local, q, k, v, dout, ring, rank, n):
 
 
 class Progress:
-    """A one-line progress display on stderr: ``label: done/total what``, redrawn at most 10 times a second."""
+    """Progress on stderr, ``label: done/total what``: on a terminal one line redrawn at most 10 times a
+    second; into a file or pipe (a log) a line of its own at most every LOG_INTERVAL_S seconds, and the last."""
+
+    LOG_INTERVAL_S = 10.0
 
     def __init__(self, label: str, stream=None):
-        self.label, self.stream, self.last = label, stream or sys.stderr, 0.0
+        self.label, self.stream, self.last = label, stream or sys.stderr, -float("inf")
+        self.redraw = getattr(self.stream, "isatty", lambda: False)()
 
     def __call__(self, done: int, total: int, what="") -> None:
         now = time.monotonic()
-        if done < total and now - self.last < 0.1:
+        if done < total and now - self.last < (0.1 if self.redraw else self.LOG_INTERVAL_S):
             return
         self.last = now
         what = " ".join(what) if isinstance(what, tuple) else str(what)
-        end = "\n" if done >= total else ""
-        self.stream.write(f"\r{self.label}: {done}/{total} {what}".ljust(72) + end)
+        line = f"{self.label}: {done}/{total} {what}"
+        if self.redraw:
+            self.stream.write(f"\r{line}".ljust(72) + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(line.rstrip() + "\n")
         self.stream.flush()
 
 

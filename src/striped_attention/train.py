@@ -544,7 +544,8 @@ def add_parser(subparsers) -> None:
     add("--threads", type=int, metavar="N",
         help="torch intra-op threads of each rank (default: 1 per rank on CPU when there are several ranks, "
              "torch's own default in a single process)")
-    add("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
+    add("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+        help="no progress on stderr (shown by default)")
     p.set_defaults(func=main)
 
 
