@@ -36,11 +36,19 @@ def full_inputs(seed, batch, heads, kv_heads, seq, head_dim):
     return q, k, v, dout
 
 
-def reference(q, k, v, dout, causal, scale):
-    """float64 attention on the whole sequence: (out, dq, dk, dv)."""
+def document_mask(cu_seqlens, seq: int, causal: bool) -> torch.Tensor:
+    """(seq, seq) bool: query i sees key j (same document, and j <= i if causal)."""
+    doc = torch.searchsorted(torch.tensor(cu_seqlens), torch.arange(seq), right=True)
+    mask = doc[:, None] == doc[None, :]
+    return mask.tril() if causal else mask
+
+
+def reference(q, k, v, dout, causal, scale, cu_seqlens=None):
+    """float64 attention on the whole sequence (within each document, given cu_seqlens): (out, dq, dk, dv)."""
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    mask = None if cu_seqlens is None else document_mask(cu_seqlens, q.shape[2], causal)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
     out.backward(dout)
     return out.detach(), q.grad, k.grad, v.grad

@@ -17,11 +17,12 @@ from striped_attention.ring import source_rank
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One `bench` command on 2 local ranks, both passes, with the baseline, the check, JSON and a picture."""
+    """One `bench` command on 2 local ranks, both passes, with the baseline, the check, JSON and a picture, on a
+    sequence of 5 packed documents (the check compares with SDPA on each document)."""
     pytest.importorskip("matplotlib")
     d = tmp_path_factory.mktemp("bench")
     args = ["bench", "--world-size", "2", "--seq-len", "256", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
-            "--repeats", "2", "--warmup", "1", "--pass", "both", "--baseline", "--check",
+            "--repeats", "2", "--warmup", "1", "--pass", "both", "--baseline", "--check", "--documents", "5",
             "--json", str(d / "bench.json"), "--plot", str(d / "timeline.png")]
     assert cli.main(args) == 0
     return d, json.loads((d / "bench.json").read_text())
@@ -38,7 +39,16 @@ def test_bench_json_contract(bench_run):
             assert r["max_error"] < 1e-5  # float32 against single-process SDPA, outputs and gradients
             assert r["scaling_efficiency"] == pytest.approx(rows[BASELINE, r["pass"]]["time_ms"] / (2 * r["time_ms"]))
             assert r["speedup_vs_contiguous"] == pytest.approx(rows["contiguous", r["pass"]]["time_ms"] / r["time_ms"])
-    assert data["config"]["kv_heads"] == 1
+    assert data["config"]["kv_heads"] == 1 and data["config"]["documents"] == 5
+
+
+def test_bench_documents_are_random_cuts_shared_by_every_rank():
+    cfg = BenchConfig(seq_len=100, documents=7, seed=3)
+    cu = cfg.cu_seqlens()
+    assert cu == cfg.cu_seqlens() and cu != BenchConfig(seq_len=100, documents=7, seed=4).cu_seqlens()
+    assert cu[0] == 0 and cu[-1] == 100 and len(cu) == 8 and all(a < b for a, b in zip(cu, cu[1:]))
+    assert BenchConfig(seq_len=100).cu_seqlens() is None
+    assert BenchConfig(seq_len=3, documents=3).cu_seqlens() == [0, 1, 2, 3]
 
 
 def test_bench_records_every_rank_and_step(bench_run):
@@ -117,6 +127,8 @@ def test_results_round_trip_through_the_launcher_format():
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--world-size", "0"], "--world-size must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--documents", "0"], "--documents must be >= 1"),
+    (["--seq-len", "8", "--documents", "9"], r"--documents \(9\) cannot exceed --seq-len \(8\)"),
 ])
 def test_bench_rejects_bad_arguments_before_launching(argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -125,18 +125,19 @@ def test_simulated_ranks_on_cuda(dtype):
             assert relative_error(dqs[rank].cpu(), dq[:, :, index]) <= TOL[getattr(torch, dtype)]
 
 
-SHARED_GPU_CASES = [(name, causal, dtype) for name in sorted(LAYOUTS) for causal in (True, False)
-                    for dtype in ("float32", "bfloat16")]
+DOCUMENTS = (0, 7, 100, 101, 250, 384)  # packed documents: causal pieces of unequal sides on the GPU kernels
+SHARED_GPU_CASES = [(name, causal, dtype, docs) for name in sorted(LAYOUTS) for causal in (True, False)
+                    for dtype in ("float32", "bfloat16") for docs in (None, DOCUMENTS)]
 
 
 def run_on_shared_gpu():
     """On each gloo rank, tensors on cuda:0: relative errors (out, dq, dk, dv) of every case."""
     errors = {}
-    for name, causal, dtype in SHARED_GPU_CASES:
+    for name, causal, dtype, docs in SHARED_GPU_CASES:
         q, k, v, dout = full_inputs(0, 2, 4, 2, 384, 64)
-        want = reference(q, k, v, dout, causal, None)
-        got = sharded_run(name, getattr(torch, dtype), q, k, v, dout, device="cuda", causal=causal)
-        errors[(name, causal, dtype)] = [relative_error(g, w) for g, w in zip(got, want)]
+        want = reference(q, k, v, dout, causal, None, docs)
+        got = sharded_run(name, getattr(torch, dtype), q, k, v, dout, device="cuda", causal=causal, cu_seqlens=docs)
+        errors[(name, causal, dtype, docs)] = [relative_error(g, w) for g, w in zip(got, want)]
     return errors
 
 
@@ -144,8 +145,8 @@ def run_on_shared_gpu():
 def test_ranks_sharing_the_gpu(world):
     """The whole engine on the GPU, K/V and dK/dV travelling the ring (through the host: gloo)."""
     for rank_errors in run_ranks(run_on_shared_gpu, world):
-        for (name, causal, dtype), errors in rank_errors.items():
-            assert max(errors) <= TOL[getattr(torch, dtype)], (name, causal, dtype, errors)
+        for (name, causal, dtype, docs), errors in rank_errors.items():
+            assert max(errors) <= TOL[getattr(torch, dtype)], (name, causal, dtype, docs, errors)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,14 +28,22 @@ class Case:
     scale: float | None = None
     backend: str = "auto"
     head_groups: int | None = None
+    cu_seqlens: tuple[int, ...] | None = None
 
     @property
     def tol(self):
         return 1e-5 if self.dtype in ("float32", "float64") else 1e-2
 
 
+DOCUMENTS = (0, 5, 17, 18, 18, 40, 48)  # lengths 5, 12, 1, 0, 22, 8: none a multiple of the ranks
+
+
 def _cases(world):
     cases = [Case(name, causal) for name in sorted(LAYOUTS) for causal in (True, False)]
+    cases += [Case(name, causal, cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS) for causal in (True, False)]
+    if world == 2:  # documents in 16 bits, and on torch's kernels
+        cases += [Case(name, True, dtype="bfloat16", cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS)]
+        cases += [Case(name, True, backend="torch", cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS)]
     if world in (2, 4):
         for name in sorted(LAYOUTS):
             for causal in (True, False):
@@ -63,10 +71,10 @@ def run_cases(world):
     errors = {}
     for case in _cases(world):
         q, k, v, dout = full_inputs(0, case.batch, case.heads, case.kv_heads, case.seq, case.head_dim)
-        want = reference(q, k, v, dout, case.causal, case.scale)
+        want = reference(q, k, v, dout, case.causal, case.scale, case.cu_seqlens)
         got = sharded_run(
-            case.layout, getattr(torch, case.dtype), q, k, v, dout,
-            causal=case.causal, softmax_scale=case.scale, backend=case.backend, head_groups=case.head_groups,
+            case.layout, getattr(torch, case.dtype), q, k, v, dout, causal=case.causal, softmax_scale=case.scale,
+            backend=case.backend, head_groups=case.head_groups, cu_seqlens=case.cu_seqlens,
         )
         assert all(g.dtype == getattr(torch, case.dtype) for g in got)
         errors[case] = [relative_error(g, w) for g, w in zip(got, want)]
@@ -131,6 +139,11 @@ def run_checks():
         "peer-heads": lambda: ring_attention(t(1, 2 + 2 * rank, c, 4), t(1, 2, c, 4), t(1, 2, c, 4)),
         "head-groups": lambda: ring_attention(t(1, 2, c, 4), t(1, 2, c, 4), t(1, 2, c, 4), head_groups=3),
         "peer-head-groups": lambda: ring_attention(*(t(1, 2, c, 4) for _ in range(3)), head_groups=1 + rank),
+        "documents-end": lambda: ring_attention(*(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[0, 3, c]),
+        "peer-documents": lambda: ring_attention(*(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[0, 3 + rank, 2 * c]),
+        "peer-documents-none": lambda: ring_attention(
+            *(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[0, 2 * c] if rank else None
+        ),
     }
     for name, fn in bad.items():
         report[f"bad-{name}"] = error_of(fn)
@@ -176,6 +189,9 @@ BAD = {
     "peer-heads": "ranks disagree on heads",
     "head-groups": "head_groups must be an int from 1 to kv_heads (2), got 3",
     "peer-head-groups": "ranks disagree on head_groups",
+    "documents-end": "cu_seqlens end at 8, but the sequence has 16 tokens",
+    "peer-documents": "ranks disagree on cu_seqlens",
+    "peer-documents-none": "ranks disagree on cu_seqlens (rank 0: cu_seqlens=None; rank 1: cu_seqlens=checksum",
 }
 
 

@@ -11,18 +11,18 @@ import torch
 
 from ranks import reference
 from striped_attention import LAYOUTS, cli, positions
-from striped_attention.bench import random_inputs
+from striped_attention.bench import random_documents, random_inputs
 from striped_attention.plan import ring_transfers
 from striped_attention.simulate import SimConfig, SimResult, simulate, sweep
 
 
-@pytest.mark.parametrize("n", [1, 3, 4])
-def test_virtual_ranks_compute_exactly_what_the_ring_computes(n):
+@pytest.mark.parametrize("n, documents", [(1, 1), (3, 1), (4, 1), (4, 5)])
+def test_virtual_ranks_compute_exactly_what_the_ring_computes(n, documents):
     cfg = SimConfig(world_size=n, seq_len=8 * n, batch=2, heads=4, kv_heads=2, head_dim=8, dtype="float64",
-                    passes=("fwd+bwd",), repeats=1, warmup=0)
+                    passes=("fwd+bwd",), repeats=1, warmup=0, documents=documents)
     results, outputs = simulate(cfg, keep_outputs=True)
     q, k, v, dout = random_inputs(cfg, torch.device("cpu"))
-    out, dq, _, _ = reference(q, k, v, dout, True, None)
+    out, dq, _, _ = reference(q, k, v, dout, True, None, random_documents(cfg.seq_len, documents, cfg.seed))
     for name in LAYOUTS:
         outs, dqs = outputs[(name, "fwd+bwd")]
         for rank in range(n):
@@ -98,6 +98,8 @@ def test_bad_configs_raise():
         simulate(SimConfig(bandwidth_gbs=0))
     with pytest.raises(ValueError, match="must be a positive multiple of 6"):
         sweep(SimConfig(seq_len=32, layouts=("zigzag",)), [2, 3])
+    with pytest.raises(ValueError, match=r"documents must be from 1 to seq_len \(16\), got 17"):
+        simulate(SimConfig(seq_len=16, documents=17))
 
 
 def test_simulate_command_single_size(tmp_path, capsys):
@@ -107,7 +109,7 @@ def test_simulate_command_single_size(tmp_path, capsys):
                      "--repeats", "1", "--pass", "fwd+bwd", "--bandwidth", "10", "--latency", "5",
                      "--json", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
-    assert "with comm ms" in text and "striped" in text
+    assert "with comm ms" in text and "striped" in text and "ideal" in text
     data = json.loads(out.read_text())
     rows = data["results"]
     assert {(r["layout"], r["pass"], r["world_size"], r["seq_len"]) for r in rows} == \
@@ -133,3 +135,11 @@ def test_simulate_command_sweep(tmp_path, capsys):
     assert "comma-separated integers" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="multiple of 3"):
         cli.main(["simulate", "--world-sizes", "2,3", "--seq-len", "64", "--layouts", "striped"])
+
+
+def test_simulate_command_with_documents(capsys):
+    assert cli.main(["simulate", "--world-size", "4", "--seq-len", "64", "--heads", "1", "--head-dim", "8",
+                     "--repeats", "1", "--warmup", "0", "--documents", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "64 tokens in 3 documents" in text and "balance" in text
+    assert "ideal" not in text  # perfect balance on one causal sequence is not the bound for documents

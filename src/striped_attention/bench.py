@@ -47,6 +47,19 @@ class BenchConfig:
     head_groups: int | None = None  # ring_attention's head_groups; None is its default
     threads: int = 1  # torch intra-op threads of each rank (on CPU, the cores it may use)
     backend: str = "auto"  # ring_attention's kernel backend
+    documents: int = 1  # documents packed into the sequence, of random lengths (seeded); 1: one sequence
+
+    def cu_seqlens(self) -> list[int] | None:
+        return random_documents(self.seq_len, self.documents, self.seed)
+
+
+def random_documents(seq_len: int, documents: int, seed: int) -> list[int] | None:
+    """Offsets of ``documents`` packed documents (ring_attention's cu_seqlens): documents - 1 distinct cuts
+    drawn uniformly with ``seed``, the same on every rank; None for one document."""
+    if documents == 1:
+        return None
+    cuts = torch.randperm(seq_len - 1, generator=torch.Generator().manual_seed(seed))[: documents - 1] + 1
+    return [0, *sorted(cuts.tolist()), seq_len]
 
 
 @dataclass
@@ -94,7 +107,11 @@ def timed_ms(fn, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _sdpa(q, k, v, causal):
+def _sdpa(q, k, v, causal, cu_seqlens=None):
+    """torch SDPA on the whole sequence; with documents, on each document in turn."""
+    if cu_seqlens is not None:
+        pieces = [slice(a, b) for a, b in zip(cu_seqlens, cu_seqlens[1:]) if b > a]
+        return torch.cat([_sdpa(q[:, :, s], k[:, :, s], v[:, :, s], causal) for s in pieces], dim=2)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
     )
@@ -106,27 +123,27 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
     rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     q, k, v, dout = random_inputs(cfg, device)
     local = {name: [shard(t, layout=name, dim=2) for t in (q, k, v, dout)] for name in cfg.layouts}
+    cu_seqlens = cfg.cu_seqlens()
+    options = dict(causal=cfg.causal, cu_seqlens=cu_seqlens, head_groups=cfg.head_groups, backend=cfg.backend)
 
     def ring(name, backward):
         ql, kl, vl, dl = local[name]
         if backward:
             ql, kl, vl = (t.detach().requires_grad_() for t in (ql, kl, vl))
-            ring_attention(ql, kl, vl, layout=name, causal=cfg.causal, head_groups=cfg.head_groups,
-                           backend=cfg.backend).backward(dl)
+            ring_attention(ql, kl, vl, layout=name, **options).backward(dl)
             return ql.grad, kl.grad, vl.grad
         with torch.no_grad():
-            return ring_attention(ql, kl, vl, layout=name, causal=cfg.causal, head_groups=cfg.head_groups,
-                                  backend=cfg.backend)
+            return ring_attention(ql, kl, vl, layout=name, **options)
 
     def baseline(backward):
         if rank != 0:  # the others idle at the barrier: one rank's resources, as the definition asks
             return
         if backward:
             qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
-            _sdpa(qf, kf, vf, cfg.causal).backward(dout)
+            _sdpa(qf, kf, vf, cfg.causal, cu_seqlens).backward(dout)
         else:
             with torch.no_grad():
-                _sdpa(q, k, v, cfg.causal)
+                _sdpa(q, k, v, cfg.causal, cu_seqlens)
 
     runs = {(name, p): (lambda name=name, p=p: ring(name, p == "fwd+bwd")) for name in cfg.layouts for p in cfg.passes}
     if cfg.baseline:
@@ -186,7 +203,7 @@ def _gather_objects(obj, n):
 def _check(cfg, results, local, q, k, v, dout, ring, rank, n):
     """Max abs error of each layout's output and gradients against single-process SDPA (the whole sequence)."""
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
-    want_out = _sdpa(qf, kf, vf, cfg.causal)
+    want_out = _sdpa(qf, kf, vf, cfg.causal, cfg.cu_seqlens())
     want_out.backward(dout)
     want = [want_out.detach(), qf.grad, kf.grad, vf.grad]
     for name in cfg.layouts:
@@ -371,7 +388,11 @@ def add_workload_arguments(p: argparse.ArgumentParser, defaults) -> None:
                    help="untimed repeats before timing (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device, help="device (default: %(default)s)")
     p.add_argument("--seed", metavar="N", type=int, default=defaults.seed,
-                   help="seed of the random inputs (default: %(default)s)")
+                   help="seed of the random inputs and documents (default: %(default)s)")
+    p.add_argument("--documents", metavar="N", type=int, default=defaults.documents,
+                   help="pack N documents of random lengths (cut at random with --seed) into the sequence: each "
+                        "token attends within its own document, as ring_attention's cu_seqlens (default: "
+                        "%(default)s, one sequence)")
     p.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
                    help="block kernels: auto (the fastest that fits), torch (torch's only), reference (pure "
                         "PyTorch), or one of torch's CUDA kernels: flash, efficient, cudnn (default: %(default)s)")
@@ -385,9 +406,11 @@ def _pass_name(passes) -> str:
 
 def workload_fields(args) -> dict:
     """The config fields the shared options set, checked: BenchConfig/SimConfig keyword arguments."""
-    for name in ("seq_len", "batch", "heads", "head_dim", "repeats"):
+    for name in ("seq_len", "batch", "heads", "head_dim", "repeats", "documents"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.documents > args.seq_len:
+        raise ValueError(f"--documents ({args.documents}) cannot exceed --seq-len ({args.seq_len})")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.backend in CUDA_KERNELS and args.device != "cuda":
@@ -397,7 +420,8 @@ def workload_fields(args) -> dict:
         raise ValueError(f"--heads ({args.heads}) must be a positive multiple of --kv-heads ({kv_heads})")
     return dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
                 head_dim=args.head_dim, dtype=args.dtype, layouts=args.layouts, passes=PASS_CHOICES[args.pass_],
-                repeats=args.repeats, warmup=args.warmup, device=args.device, seed=args.seed, backend=args.backend)
+                repeats=args.repeats, warmup=args.warmup, device=args.device, seed=args.seed, backend=args.backend,
+                documents=args.documents)
 
 
 def add_parser(subparsers) -> None:
@@ -447,7 +471,8 @@ def main(args) -> int:
     if lead:
         ranks = "torchrun's ranks" if under_torchrun() else f"{cfg.world_size} local {cfg.device} rank(s)"
         ranks += f" x {cfg.threads} thread(s)" if cfg.device == "cpu" else ""
-        print(f"{'causal ' if cfg.causal else ''}attention, {cfg.seq_len} tokens x {cfg.batch} over {ranks}, "
+        packed = f" in {cfg.documents} documents" if cfg.documents > 1 else ""
+        print(f"{'causal ' if cfg.causal else ''}attention, {cfg.seq_len} tokens{packed} x {cfg.batch} over {ranks}, "
               f"{cfg.heads} heads / {cfg.kv_heads} kv heads, head_dim {cfg.head_dim}, {cfg.dtype}; "
               f"median of {cfg.repeats} after {cfg.warmup} warm-up, variants interleaved", flush=True)
     results = run(cfg, progress=True)

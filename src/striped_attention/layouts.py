@@ -8,17 +8,22 @@ A layout is data. It answers two questions and nothing else:
   slice, a key slice and whether the piece is a top-left aligned causal triangle or a dense rectangle.
 
 Everything else (sharding, the ring engine, the simulator, the counts) is derived from these two answers,
-so a new layout is one new class here and nothing else.
+so a new layout is one new class here and nothing else. Packed documents are a layout too:
+:class:`Documents` wraps any layout and cuts its pieces at the documents' boundaries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Block", "Layout", "Contiguous", "Striped", "Zigzag", "LAYOUTS", "get_layout", "positions", "shard", "unshard"]
+__all__ = [
+    "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "LAYOUTS", "get_layout", "positions", "shard",
+    "unshard",
+]
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,105 @@ def get_layout(layout: str | Layout) -> Layout:
         return LAYOUTS[layout]
     except (KeyError, TypeError):
         raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed documents
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Documents(Layout):
+    """Documents packed into one sequence: a token attends only to tokens of its own document.
+
+    ``cu_seqlens`` are the global offsets where the documents start, then the sequence length (flash-attn's
+    convention): ``[0, len_0, len_0 + len_1, ..., seq_len]``; every row of the batch shares them. Tokens sit
+    where ``layout`` puts them; each of its pieces is cut at the documents' boundaries into causal triangles
+    and dense rectangles, so the kernels and the ring engine are unchanged. Striped spreads every document over
+    all ranks, so its pieces stay balanced whatever the documents' lengths.
+    """
+
+    def __init__(self, layout: str | Layout, cu_seqlens: Sequence[int] | torch.Tensor):
+        self.inner = get_layout(layout)
+        self.name = self.inner.name
+        self.cu_seqlens = _offsets(cu_seqlens)
+        self._blocks: dict[tuple, tuple[Block, ...]] = {}
+
+    def divisor(self, world_size):
+        return self.inner.divisor(world_size)
+
+    def check(self, seq_len, world_size):
+        self.inner.check(seq_len, world_size)
+        if self.cu_seqlens[-1] != seq_len:
+            raise ValueError(
+                f"cu_seqlens end at {self.cu_seqlens[-1]}, but the sequence has {seq_len} tokens; they must end at "
+                "the whole (global) sequence length"
+            )
+
+    def positions(self, seq_len, rank, world_size):
+        return self.inner.positions(seq_len, rank, world_size)
+
+    def blocks(self, q_rank, kv_rank, local_len, world_size, causal):
+        key = (q_rank, kv_rank, local_len, world_size, causal)
+        if key not in self._blocks:
+            seq_len = local_len * world_size
+            self.check(seq_len, world_size)
+            bounds = torch.tensor(self.cu_seqlens)
+            q_doc, k_doc = (
+                torch.searchsorted(bounds, self.positions(seq_len, r, world_size), right=True)
+                for r in (q_rank, kv_rank)
+            )
+            pieces = self.inner.blocks(q_rank, kv_rank, local_len, world_size, causal)
+            self._blocks[key] = tuple(
+                cut for blk in pieces for cut in self._cut(blk, q_doc, k_doc) if cut.pairs()
+            )
+        return self._blocks[key]
+
+    def _cut(self, blk: Block, q_doc: torch.Tensor, k_doc: torch.Tensor):
+        """``blk``'s pairs whose query and key share a document, as causal and dense blocks."""
+        q_runs, k_runs = self._runs(q_doc, blk.q), self._runs(k_doc, blk.k)
+        for doc in sorted(q_runs.keys() & k_runs.keys()):
+            (qa, qb), (ka, kb) = q_runs[doc], k_runs[doc]
+            if not blk.causal:
+                yield Block(slice(qa, qb), slice(ka, kb), False)
+                continue
+            # In blk, query row i sees key column j iff j <= i, so query qa sees the keys before ka + shift.
+            shift = (qa - blk.q.start) - (ka - blk.k.start)
+            if shift > 0:  # keys every query of the document sees, then the triangle after them
+                yield Block(slice(qa, qb), slice(ka, min(kb, ka + shift)), False)
+                yield Block(slice(qa, qb), slice(ka + shift, kb), True)
+            else:  # the first -shift queries see none of these keys
+                yield Block(slice(qa - shift, qb), slice(ka, kb), True)
+
+    def _runs(self, doc: torch.Tensor, s: slice) -> dict[int, tuple[int, int]]:
+        """document -> (start, stop) of its local indices within ``s``, which must be in position order."""
+        ids = doc[s]
+        if (ids[1:] < ids[:-1]).any():
+            raise ValueError(f"layout {self.name!r} does not keep its positions in order within a piece, "
+                             "so its pieces cannot be cut at documents")
+        docs, counts = torch.unique_consecutive(ids, return_counts=True)
+        stops = counts.cumsum(0) + s.start
+        return dict(zip(docs.tolist(), zip((stops - counts).tolist(), stops.tolist())))
+
+    def __repr__(self) -> str:
+        return f"Documents({self.inner!r}, cu_seqlens={list(self.cu_seqlens)})"
+
+
+def _offsets(cu_seqlens) -> tuple[int, ...]:
+    """``cu_seqlens`` as a tuple of ints, checked: 0 first, never decreasing."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex():
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} of shape "
+                             f"{tuple(cu_seqlens.shape)}")
+        cu_seqlens = cu_seqlens.tolist()
+    if isinstance(cu_seqlens, (str, bytes)) or not isinstance(cu_seqlens, Sequence):
+        raise ValueError(f"cu_seqlens must be a sequence of ints, got {type(cu_seqlens).__name__}")
+    offsets = tuple(cu_seqlens)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in offsets):
+        raise ValueError("cu_seqlens must hold ints")
+    if len(offsets) < 2 or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
+        shown = list(offsets) if len(offsets) <= 8 else [*offsets[:8], "..."]
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, e.g. [0, 300, 1024]; got {shown}")
+    return offsets
 
 
 # ----------------------------------------------------------------------------------------------------------

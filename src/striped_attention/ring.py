@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 import time
 import zlib
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import kernels
-from .layouts import Layout, get_layout
+from .layouts import Documents, Layout, get_layout
 
 __all__ = ["ring_attention", "ring_forward", "ring_backward", "source_rank", "record_steps", "StepTime", "Transfer"]
 
@@ -40,6 +41,7 @@ def ring_attention(
     group: dist.ProcessGroup | None = None,
     causal: bool = True,
     softmax_scale: float | None = None,
+    cu_seqlens: Sequence[int] | torch.Tensor | None = None,
     backend: str = "auto",
     head_groups: int | None = None,
 ) -> torch.Tensor:
@@ -55,6 +57,10 @@ def ring_attention(
             torch.distributed is not initialized.
         causal: causal masking over the *global* positions; False attends to the whole sequence.
         softmax_scale: scale of the scores; defaults to 1/sqrt(head_dim).
+        cu_seqlens: packed documents: the *global* offsets where documents start, then the sequence length,
+            ``[0, len_0, len_0 + len_1, ..., seq_len]`` (flash-attn's convention), the same on every rank and
+            for every row of the batch. A token attends only to its own document's tokens (causally if
+            ``causal``). None: one document.
         backend: ``"auto"`` (fused kernels: this package's compiled kernel for float32 and float64 on
             CPU; on CUDA cuDNN's (Hopper and later) or FlashAttention-2 for 16-bit inputs, the
             memory-efficient kernel for float32; the reference where none fits), ``"torch"`` (torch's fused
@@ -75,6 +81,8 @@ def ring_attention(
     lay = get_layout(layout)
     _check_local(q, k, v, backend)
     ring = _Ring(group)
+    if cu_seqlens is not None:
+        lay = Documents(lay, cu_seqlens)
     lay.check(q.shape[2] * ring.size, ring.size)
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     groups = _head_groups(head_groups, k, ring.size)
@@ -205,16 +213,19 @@ def _check_local(q, k, v, backend):
 
 
 _FIELDS = (
-    "batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "layout", "causal", "softmax_scale", "head_groups"
+    "batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "layout", "causal", "softmax_scale", "head_groups",
+    "cu_seqlens",
 )
 
 
 def _signature(q, k, layout, causal, scale, head_groups) -> list[int]:
     b, h, n, d = q.shape
     dtype = _DTYPES.index(q.dtype)
-    name = zlib.crc32(type(layout).__qualname__.encode())
+    documents = isinstance(layout, Documents)
+    name = zlib.crc32(type(layout.inner if documents else layout).__qualname__.encode())
+    offsets = zlib.crc32(repr(layout.cu_seqlens).encode()) if documents else -1  # -1: one document
     (scale_bits,) = struct.unpack("<q", struct.pack("<d", scale))
-    return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits, head_groups]
+    return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits, head_groups, offsets]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,6 +291,8 @@ class _Ring:
         key = (id(self.group), tuple(mine), q.device.type)
         if key in self._validated:
             return
+        if len(self._validated) >= 4096:  # new documents in every batch: forget old signatures, not grow
+            self._validated.clear()
         device = q.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
         gathered = [torch.empty(len(mine), dtype=torch.int64, device=device) for _ in range(self.size)]
         dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=device), group=self.group)
@@ -299,6 +312,8 @@ def _show(field: str, value: int):
         return str(_DTYPES[value])
     if field == "softmax_scale":
         return struct.unpack("<d", struct.pack("<q", value))[0]
+    if field == "cu_seqlens":
+        return "None" if value == -1 else f"checksum {value:08x}"
     return value
 
 

@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import ring as ring_engine
-from .bench import PASSES, Progress, random_inputs, add_workload_arguments, format_rows, plot_path, workload_fields
+from .bench import (
+    PASSES, Progress, add_workload_arguments, format_rows, plot_path, random_documents, random_inputs, workload_fields,
+)
 from .kernels import default_scale
 from .launch import torch_threads
-from .layouts import LAYOUTS, get_layout
+from .layouts import LAYOUTS, Documents, get_layout
 from .plan import critical_path_s, ring_transfers, transfer_s
 
 __all__ = ["SimConfig", "SimResult", "simulate", "sweep"]
@@ -52,6 +54,7 @@ class SimConfig:
     threads: int = 1  # torch threads: 1 plays ranks that have one core each, like `bench` on CPU
     seed: int = 0
     backend: str = "auto"
+    documents: int = 1  # documents packed into the sequence, of random lengths (seeded); 1: one sequence
 
 
 @dataclass
@@ -194,6 +197,8 @@ def _simulate(cfg: SimConfig, progress, keep_outputs: bool):
     kv_bytes = 2 * cfg.batch * cfg.kv_heads * c * cfg.head_dim * itemsize
     grad_bytes = 2 * cfg.batch * cfg.kv_heads * c * cfg.head_dim * 4  # dK/dV travel in float32
 
+    cu_seqlens = random_documents(cfg.seq_len, cfg.documents, cfg.seed)
+    layouts = {name: get_layout(name) if cu_seqlens is None else Documents(name, cu_seqlens) for name in cfg.layouts}
     runs = [(name, p) for name in cfg.layouts for p in cfg.passes]
     samples = {key: [] for key in runs}
     outputs = {}
@@ -201,7 +206,7 @@ def _simulate(cfg: SimConfig, progress, keep_outputs: bool):
     for rep in range(cfg.warmup + cfg.repeats):
         rotated = runs[rep % len(runs):] + runs[: rep % len(runs)]  # interleaved, no fixed position
         for i, (name, p) in enumerate(rotated):
-            recorded, outs, dqs = _play(cfg, get_layout(name), shards[name], scale, backward=p == "fwd+bwd")
+            recorded, outs, dqs = _play(cfg, layouts[name], shards[name], scale, backward=p == "fwd+bwd")
             if rep >= cfg.warmup:
                 samples[(name, p)].append(recorded)
             if keep_outputs:
@@ -242,6 +247,8 @@ def _check(cfg: SimConfig) -> None:
         raise ValueError(f"bandwidth must be > 0 GB/s, got {cfg.bandwidth_gbs}")
     if cfg.latency_us < 0:
         raise ValueError(f"latency must be >= 0 us, got {cfg.latency_us}")
+    if not 1 <= cfg.documents <= cfg.seq_len:
+        raise ValueError(f"documents must be from 1 to seq_len ({cfg.seq_len}), got {cfg.documents}")
     bad = [p for p in cfg.passes if p not in PASSES]
     if bad:
         raise ValueError(f"unknown pass(es) {bad}; choose from {PASSES}")
@@ -282,21 +289,23 @@ def _speedups(results: list[SimResult], attr: str) -> dict[tuple, float]:
     }
 
 
-def format_table(results: list[SimResult]) -> str:
-    """N, layout, pass, critical path (and with communication), speedups, ideal, balance."""
+def format_table(results: list[SimResult], *, ideal: bool = True) -> str:
+    """N, layout, pass, critical path (and with communication), speedups, balance, and with ``ideal`` the
+    speedup of perfect balance on one causal sequence (not the bound for packed documents)."""
     comm = any(r.bandwidth_gbs is not None for r in results)
     fast = _speedups(results, "critical_path_ms")
     fast_comm = _speedups(results, "critical_path_comm_ms") if comm else {}
     header = ["N", "tokens", "layout", "pass", "critical path ms", "vs contiguous"]
-    header += ["with comm ms", "vs contiguous (comm)"] * comm + ["ideal", "balance"]
+    header += ["with comm ms", "vs contiguous (comm)"] * comm + ["ideal"] * ideal + ["balance"]
     rows = [header]
     for r in results:
         key = (r.layout, r.pass_, r.world_size)
         row = [str(r.world_size), str(r.seq_len), r.layout, r.pass_, f"{r.critical_path_ms:.1f}", _x(fast.get(key))]
         if comm:
             row += [f"{r.critical_path_comm_ms:.1f}", _x(fast_comm.get(key))]
-        ideal = 1.0 if r.layout == "contiguous" else (2 * r.world_size - 1) / r.world_size
-        rows.append(row + [f"{ideal:.3f}x", f"{r.balance:.0%}"])
+        if ideal:
+            row.append(f"{1.0 if r.layout == 'contiguous' else (2 * r.world_size - 1) / r.world_size:.3f}x")
+        rows.append(row + [f"{r.balance:.0%}"])
     return format_rows(rows)
 
 
@@ -373,13 +382,14 @@ def main(args) -> int:
     comm = "no communication model" if cfg.bandwidth_gbs is None else \
         f"links of {cfg.bandwidth_gbs:g} GB/s + {cfg.latency_us:g} us"
     tokens = f"{args.tokens_per_rank} tokens per rank" if args.tokens_per_rank else f"{cfg.seq_len} tokens"
+    tokens += f" in {cfg.documents} documents" if cfg.documents > 1 else ""
     print(f"{'causal ' if cfg.causal else ''}attention, {tokens} x {cfg.batch}, {cfg.heads} heads / "
           f"{cfg.kv_heads} kv heads, head_dim {cfg.head_dim}, {cfg.dtype}, on {', '.join(map(str, sizes))} virtual "
           f"ranks ({cfg.device}, {cfg.threads} thread(s)); {comm}; median of {cfg.repeats} after {cfg.warmup} "
           f"warm-up", flush=True)
     progress = Progress("simulate")
     results = [r for c in configs for r in simulate(c, progress)]
-    print(format_table(results))
+    print(format_table(results, ideal=cfg.documents == 1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results_json(results, cfg), f, indent=2)

@@ -1,0 +1,118 @@
+"""Packed documents: every layout's pieces cut at the documents' boundaries, exactly and in balance.
+
+The numeric checks on 1 to 4 ranks against float64 attention with a document mask are cases of test_ring.py.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ranks import document_mask, error_of, full_inputs, reference, relative_error, sharded_run
+from striped_attention import LAYOUTS, Block, Layout, ring_attention
+from striped_attention.layouts import Documents
+
+
+def _random_documents(rng: random.Random, seq: int) -> list[int]:
+    cuts = sorted(rng.sample(range(1, seq), k=min(seq - 1, rng.randint(0, 6)))) if seq > 1 else []
+    if cuts and rng.random() < 0.2:
+        cuts.append(cuts[0])  # an empty document
+    return [0, *sorted(cuts), seq]
+
+
+def _covered(blocks, c: int) -> torch.Tensor:
+    """(c, c) int: how many of the blocks compute each (query, key) pair."""
+    count = torch.zeros(c, c, dtype=torch.int)
+    for b in blocks:
+        ones = torch.ones(b.q.stop - b.q.start, b.k.stop - b.k.start, dtype=torch.int)
+        count[b.q, b.k] += ones.tril() if b.causal else ones
+    return count
+
+
+def test_pieces_compute_each_pair_of_a_document_once_and_nothing_else():
+    rng = random.Random(0)
+    for _ in range(200):
+        world, name, causal = rng.randint(1, 4), rng.choice(sorted(LAYOUTS)), rng.random() < 0.7
+        seq = LAYOUTS[name].divisor(world) * rng.randint(1, 12)
+        cu_seqlens = _random_documents(rng, seq)
+        layout, mask, c = Documents(name, cu_seqlens), document_mask(cu_seqlens, seq, causal), seq // world
+        for r in range(world):
+            for s in range(world):
+                want = mask[layout.positions(seq, r, world)][:, layout.positions(seq, s, world)]
+                got = _covered(layout.blocks(r, s, c, world, causal), c)
+                assert torch.equal(got, want.int()), (name, world, cu_seqlens, r, s, causal)
+
+
+def _pairs_per_step(name: str, cu_seqlens, world: int) -> list[list[int]]:
+    """[step][rank]: the (query, key) pairs each rank computes at each ring step."""
+    layout, c = Documents(name, cu_seqlens), cu_seqlens[-1] // world
+    return [[sum(b.pairs() for b in layout.blocks(r, (r - step) % world, c, world, True)) for r in range(world)]
+            for step in range(world)]
+
+
+def test_striped_keeps_ranks_balanced_whatever_the_documents():
+    """The ring's time is the sum over steps of its slowest rank: striped stays within 1% of perfect balance."""
+    rng = random.Random(1)
+    seq, world = 16384, 4
+    cu_seqlens = [0, *sorted(rng.sample(range(1, seq), 11)), seq]
+    slowdown = {}
+    for name in LAYOUTS:
+        steps = _pairs_per_step(name, cu_seqlens, world)
+        slowdown[name] = sum(max(s) for s in steps) / (sum(map(sum, steps)) / world)
+    assert slowdown["striped"] < 1.01, slowdown
+    assert min(slowdown["zigzag"], slowdown["contiguous"]) > 1.2, slowdown  # 1.93 and 1.34 here
+
+
+def test_one_rank_matches_float64_attention_within_documents():
+    q, k, v, dout = full_inputs(0, 2, 4, 2, 40, 16)
+    for causal in (True, False):
+        want = reference(q, k, v, dout, causal, None, [0, 1, 13, 13, 40])
+        got = sharded_run("striped", torch.float64, q, k, v, dout, causal=causal, cu_seqlens=torch.tensor([0, 1, 13, 13, 40]))
+        assert max(relative_error(g, w) for g, w in zip(got, want)) < 1e-12
+
+
+def test_one_document_is_plain_causal_attention():
+    q, k, v = (torch.randn(1, 2, 32, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    assert torch.equal(ring_attention(q, k, v, cu_seqlens=[0, 32]), ring_attention(q, k, v))
+
+
+BAD = {
+    "not from 0": ([1, 8], "must start at 0 and never decrease"),
+    "decreasing": ([0, 5, 3, 8], "must start at 0 and never decrease"),
+    "too short": ([8], "must start at 0 and never decrease"),
+    "wrong end": ([0, 4], "cu_seqlens end at 4, but the sequence has 8 tokens"),
+    "float tensor": (torch.tensor([0.0, 8.0]), "1-D integer tensor"),
+    "2-D tensor": (torch.tensor([[0, 8]]), "1-D integer tensor"),
+    "floats": ([0, 8.0], "must hold ints"),
+    "a string": ("0,8", "a sequence of ints"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_cu_seqlens_are_a_value_error(name):
+    cu_seqlens, message = BAD[name]
+    q = torch.randn(1, 2, 8, 4)
+    error = error_of(lambda: ring_attention(q, q, q, cu_seqlens=cu_seqlens))
+    assert error is not None and message in error
+
+
+class _Reversed(Layout):
+    """One rank holding the sequence backwards: its pieces are not in position order."""
+
+    name = "reversed"
+
+    def positions(self, seq_len, rank, world_size):
+        return torch.arange(seq_len).flip(0)
+
+    def causal_blocks(self, q_rank, kv_rank, c, n):
+        return ()
+
+    def blocks(self, q_rank, kv_rank, local_len, world_size, causal):
+        return (Block(slice(0, local_len), slice(0, local_len), False),)
+
+
+def test_a_layout_out_of_position_order_cannot_be_cut_at_documents():
+    error = error_of(lambda: Documents(_Reversed(), [0, 3, 8]).blocks(0, 0, 8, 1, False))
+    assert error is not None and "does not keep its positions in order" in error
