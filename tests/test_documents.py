@@ -116,3 +116,10 @@ class _Reversed(Layout):
 def test_a_layout_out_of_position_order_cannot_be_cut_at_documents():
     error = error_of(lambda: Documents(_Reversed(), [0, 3, 8]).blocks(0, 0, 8, 1, False))
     assert error is not None and "does not keep its positions in order" in error
+
+
+def test_layers_with_the_same_documents_share_their_cut_pieces():
+    shared = Documents.of("striped", [0, 5, 16])
+    assert Documents.of(LAYOUTS["striped"], torch.tensor([0, 5, 16])) is shared
+    assert Documents.of("zigzag", [0, 5, 16]) is not shared and Documents.of("striped", [0, 6, 16]) is not shared
+    assert shared.blocks(0, 1, 8, 2, True) is shared.blocks(0, 1, 8, 2, True)  # cut once, then reused

@@ -14,6 +14,8 @@ so a new layout is one new class here and nothing else. Packed documents are a l
 
 from __future__ import annotations
 
+import functools
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -176,7 +178,14 @@ class Documents(Layout):
         self.inner = get_layout(layout)
         self.name = self.inner.name
         self.cu_seqlens = _offsets(cu_seqlens)
+        self.checksum = zlib.crc32(repr(self.cu_seqlens).encode())  # what the ranks compare
         self._blocks: dict[tuple, tuple[Block, ...]] = {}
+
+    @staticmethod
+    def of(layout: str | Layout, cu_seqlens: Sequence[int] | torch.Tensor) -> Documents:
+        """``Documents(layout, cu_seqlens)``, one instance per (layout, offsets): the layers of a model, each
+        calling ring_attention with the same documents, share the pieces cut once."""
+        return _shared_documents(get_layout(layout), _offsets(cu_seqlens))
 
     def divisor(self, world_size):
         return self.inner.divisor(world_size)
@@ -236,6 +245,11 @@ class Documents(Layout):
 
     def __repr__(self) -> str:
         return f"Documents({self.inner!r}, cu_seqlens={list(self.cu_seqlens)})"
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_documents(layout: Layout, offsets: tuple[int, ...]) -> Documents:
+    return Documents(layout, offsets)
 
 
 def _offsets(cu_seqlens) -> tuple[int, ...]:

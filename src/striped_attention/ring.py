@@ -82,7 +82,7 @@ def ring_attention(
     _check_local(q, k, v, backend)
     ring = _Ring(group)
     if cu_seqlens is not None:
-        lay = Documents(lay, cu_seqlens)
+        lay = Documents.of(lay, cu_seqlens)
     lay.check(q.shape[2] * ring.size, ring.size)
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     groups = _head_groups(head_groups, k, ring.size)
@@ -223,7 +223,7 @@ def _signature(q, k, layout, causal, scale, head_groups) -> list[int]:
     dtype = _DTYPES.index(q.dtype)
     documents = isinstance(layout, Documents)
     name = zlib.crc32(type(layout.inner if documents else layout).__qualname__.encode())
-    offsets = zlib.crc32(repr(layout.cu_seqlens).encode()) if documents else -1  # -1: one document
+    offsets = layout.checksum if documents else -1  # -1: one document
     (scale_bits,) = struct.unpack("<q", struct.pack("<d", scale))
     return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits, head_groups, offsets]
 
