@@ -143,3 +143,13 @@ def test_simulate_command_with_documents(capsys):
     text = capsys.readouterr().out
     assert "64 tokens in 3 documents" in text and "balance" in text
     assert "ideal" not in text  # perfect balance on one causal sequence is not the bound for documents
+
+
+def test_documents_are_checked_against_each_swept_length(capsys):
+    """With --tokens-per-rank the sequence is N x tokens, not --seq-len: 12 documents fit 2 x 8 tokens."""
+    sweep = ["simulate", "--world-sizes", "2,4", "--tokens-per-rank", "8", "--seq-len", "8", "--heads", "1",
+             "--head-dim", "8", "--repeats", "1", "--warmup", "0", "--layouts", "striped,contiguous"]
+    assert cli.main([*sweep, "--documents", "12"]) == 0
+    assert "8 tokens per rank in 12 documents" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"documents must be from 1 to seq_len \(16\), got 17"):
+        cli.main([*sweep, "--documents", "17"])

@@ -409,7 +409,7 @@ def workload_fields(args) -> dict:
     for name in ("seq_len", "batch", "heads", "head_dim", "repeats", "documents"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.documents > args.seq_len:
+    if args.documents > args.seq_len and getattr(args, "tokens_per_rank", None) is None:  # else per swept length
         raise ValueError(f"--documents ({args.documents}) cannot exceed --seq-len ({args.seq_len})")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
