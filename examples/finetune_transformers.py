@@ -6,8 +6,10 @@ Every rank builds the same model (same seed) and draws the same batch; ``shard_i
 tokens, ``prepare`` makes the model's attention a ring over all ranks. After ``backward`` the gradients are
 averaged over the ranks, as data parallelism does, which makes them exactly the single-process gradients.
 The task needs attention: each sequence counts up with its own stride (mod the vocabulary), so predicting
-the next token means reading the stride off earlier tokens. Without torchrun it runs on one process;
-``--plain`` runs the unmodified model there, for the loss curve to compare with. Nothing is downloaded.
+the next token means reading the stride off earlier tokens. ``--documents N`` packs N such documents into each
+sequence, their position ids restarting at 0 (as transformers' ``DataCollatorWithFlattening`` packs them): each
+token attends only to its own document. Without torchrun it runs on one process; ``--plain`` runs the
+unmodified model there, for the loss curve to compare with. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence, whole sequence (default 256)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step, the same on every rank (default 4)")
+    p.add_argument("--documents", type=int, default=1,
+                   help="documents packed into each sequence, cut at random tokens, the same in every row (default 1)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="llama", help="model family (default llama)")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="striped", help="sequence layout (default striped)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
@@ -43,9 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.plain and under_torchrun():
         p.error("--plain runs on one process: start it without torchrun")
-    for name in ("steps", "seq_len", "batch_size", "threads"):
+    for name in ("steps", "seq_len", "batch_size", "threads", "documents"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.documents > args.seq_len:
+        p.error(f"--documents ({args.documents}) cannot exceed --seq-len ({args.seq_len})")
     return args
 
 
@@ -66,11 +72,19 @@ def tiny_model(family: str, seed: int):
     return model
 
 
-def counting_batch(batch: int, seq: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """(batch, seq) token ids: row b is start_b + stride_b * t (mod vocab), stride in 1..7."""
-    start = torch.randint(0, vocab, (batch, 1), generator=generator)
-    stride = torch.randint(1, 8, (batch, 1), generator=generator)
-    return (start + stride * torch.arange(seq)) % vocab
+def counting_batch(batch: int, seq: int, vocab: int, generator: torch.Generator, documents: int = 1):
+    """(token ids (batch, seq), position ids (seq,)): each row packs ``documents`` documents, cut at the same
+    random tokens in every row; token t of a document is start + stride * t (mod vocab), stride in 1..7, and its
+    position id is t."""
+    cuts = []
+    if documents > 1:  # (one document draws nothing here: the stream, and the losses, of earlier versions)
+        cuts = (torch.randperm(seq - 1, generator=generator)[: documents - 1] + 1).sort().values.tolist()
+    lengths = torch.tensor([0, *cuts, seq]).diff()
+    pos = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    doc = torch.repeat_interleave(torch.arange(documents), lengths)
+    start = torch.randint(0, vocab, (batch, documents), generator=generator)
+    stride = torch.randint(1, 8, (batch, documents), generator=generator)
+    return (start[:, doc] + stride[:, doc] * pos) % vocab, pos
 
 
 def main(argv=None) -> int:
@@ -91,11 +105,13 @@ def main(argv=None) -> int:
     losses = []
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
-        ids = counting_batch(args.batch_size, args.seq_len, model.config.vocab_size, data).to(device)
-        if args.plain:  # transformers shifts the labels itself
-            out = model(input_ids=ids, labels=ids)
-        else:
-            out = model(**shard_inputs(input_ids=ids, labels=ids, layout=args.layout))
+        ids, pos = counting_batch(args.batch_size, args.seq_len, model.config.vocab_size, data, args.documents)
+        ids, pos = ids.to(device), pos.to(device).unsqueeze(0)
+        if args.plain:  # transformers shifts the labels itself; -100 at a document's start: no target across
+            labels = ids.masked_fill(pos == 0, -100) if args.documents > 1 else ids
+            out = model(input_ids=ids, labels=labels, position_ids=pos, use_cache=False)
+        else:  # shard_inputs finds the documents where the position ids restart
+            out = model(**shard_inputs(input_ids=ids, labels=ids, position_ids=pos, layout=args.layout))
         out.loss.backward()
         loss = out.loss.detach()
         if world > 1:  # data-parallel mean over the context-parallel group: exact gradients and loss
@@ -113,7 +129,8 @@ def main(argv=None) -> int:
     if rank == 0:
         print(file=sys.stderr)
         how = "plain sdpa" if args.plain else f"layout {args.layout}"
-        print(f"{args.family}, {how}, {world} rank(s), {args.seq_len} tokens x {args.batch_size}: "
+        packed = f" in {args.documents} documents" if args.documents > 1 else ""
+        print(f"{args.family}, {how}, {world} rank(s), {args.seq_len} tokens{packed} x {args.batch_size}: "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps")
     if dist.is_initialized():
         dist.destroy_process_group()

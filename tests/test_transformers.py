@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,24 +63,41 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
-def compare(family: str, layout: str, **call) -> dict[str, float]:
-    """Relative errors of the context-parallel run against one process: logits, loss, worst gradient."""
+DOCUMENTS = (0, 5, 16, 24)  # packed documents of 5, 11 and 8 tokens
+RESTARTING = torch.cat([torch.arange(b - a) for a, b in zip(DOCUMENTS, DOCUMENTS[1:])])  # their position ids
+
+
+def one_process(ref, ids, labels, packed: bool):
+    """(logits, loss) of the single-process model; packed: each document run on its own, so no token sees
+    another document and no target crosses into the next one."""
+    if not packed:
+        want = ref(input_ids=ids, labels=labels)
+        return want.logits, want.loss
+    spans = list(zip(DOCUMENTS, DOCUMENTS[1:]))
+    logits = torch.cat([ref(input_ids=ids[:, a:b]).logits for a, b in spans], dim=1)
+    targets = torch.cat([F.pad(labels[:, a + 1:b], (0, 1), value=-100) for a, b in spans], dim=1)
+    return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def compare(family: str, layout: str, documents: dict | None = None, **call) -> dict[str, float]:
+    """Relative errors of the context-parallel run against one process: logits, loss, worst gradient.
+    ``documents``: what tells shard_inputs the packed DOCUMENTS (restarting position_ids or cu_seqlens)."""
     ids, labels = inputs()
     ref = tiny_model(family)
-    want = ref(input_ids=ids, labels=labels)
-    want.loss.backward()
+    want_logits, want_loss = one_process(ref, ids, labels, packed=documents is not None)
+    want_loss.backward()
 
     model = prepare(copy.deepcopy(ref), layout=layout)
     model.zero_grad()
-    got = model(**shard_inputs(input_ids=ids, labels=labels, layout=layout), **call)
+    got = model(**shard_inputs(input_ids=ids, labels=labels, layout=layout, **(documents or {})), **call)
     got.loss.backward()
     grads = [
         relative_error(mean_over_ranks(p.grad), q.grad.double())
         for p, q in zip(model.parameters(), ref.parameters())
     ]
     return {
-        "logits": relative_error(unshard(got.logits.detach(), layout=layout, dim=1), want.logits.double()),
-        "loss": abs(mean_over_ranks(got.loss).item() / want.loss.item() - 1),
+        "logits": relative_error(unshard(got.logits.detach(), layout=layout, dim=1), want_logits.double()),
+        "loss": abs(mean_over_ranks(got.loss).item() / want_loss.item() - 1),
         "grad": max(grads),
     }
 
@@ -95,7 +113,15 @@ def bad_calls(rank: int) -> dict:
     zigzag = shard_inputs(input_ids=ids, labels=labels, layout="zigzag")
     windowed = prepare(tiny_model("mistral", sliding_window=SEQ - 1))
     dropout = prepare(tiny_model("llama", attention_dropout=0.1)).train()
+    packed = shard_inputs(input_ids=ids, labels=labels, position_ids=RESTARTING, layout="striped")
+    other_documents = shard_inputs(input_ids=ids, cu_seqlens=[0, 5 + rank, 16, SEQ], layout="striped")
+    shifted_document = shard_inputs(input_ids=ids, position_ids=RESTARTING + 10 * rank * (torch.arange(SEQ) >= 16),
+                                    cu_seqlens=DOCUMENTS, layout="striped")
     return {
+        "documents-differ": lambda: model(**other_documents),
+        "documents-keys-missing": lambda: model(**{k: v for k, v in packed.items() if k != "cu_seq_lens_k"}),
+        "documents-missing": lambda: model(**{k: v for k, v in packed.items() if not k.startswith("cu_seq_lens")}),
+        "document-offsets-differ": lambda: model(**shifted_document),
         "mask-hole": lambda: model(**batch, attention_mask=holes),
         "mask-4d": lambda: model(**batch, attention_mask=torch.ones(2, 1, SEQ // 2, SEQ // 2, dtype=torch.bool)),
         "no-positions": lambda: model(input_ids=batch["input_ids"], labels=batch["labels"]),
@@ -109,6 +135,10 @@ def bad_calls(rank: int) -> dict:
 
 
 BAD = {
+    "documents-differ": "ranks disagree on the batch size or the documents (cu_seq_lens_q)",
+    "documents-keys-missing": "cu_seq_lens_q and cu_seq_lens_k must be equal",
+    "documents-missing": "do not follow layout 'striped'",
+    "document-offsets-differ": "position_ids disagree between ranks",
     "mask-hole": "rank 1: attention_mask must be None or a (batch, seq) mask of ones",
     "mask-4d": "attention_mask must be None or a (batch, seq) mask of ones",
     "no-positions": "position_ids are missing",
@@ -128,6 +158,12 @@ def run_all():
     report = {(family, layout): compare(family, layout) for family in FAMILIES for layout in sorted(LAYOUTS)}
     report["mask-of-ones"] = compare("llama", "striped", attention_mask=torch.ones(2, SEQ // 2, dtype=torch.long))
     report["window-covers-sequence"] = compare("mistral", "zigzag")  # Mistral's default window (4096) >= SEQ
+    for layout in sorted(LAYOUTS):
+        report[("packed", layout)] = compare("llama", layout, documents={"position_ids": RESTARTING})
+    # global positions and the documents given as offsets: RoPE sees other positions, attention the same scores
+    report["packed-cu_seqlens"] = compare(
+        "qwen2", "striped", documents={"position_ids": torch.arange(SEQ), "cu_seqlens": DOCUMENTS}
+    )
     report.update({name: error_of(fn) for name, fn in bad_calls(dist.get_rank()).items()})
     report["after-errors"] = compare("qwen2", "striped")
     return report
@@ -148,7 +184,14 @@ def test_logits_loss_and_gradients_match_one_process(family, layout):
         assert max(errors.values()) <= TOL, errors
 
 
-@pytest.mark.parametrize("case", ["mask-of-ones", "window-covers-sequence", "after-errors"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_packed_documents_match_each_document_on_its_own(layout):
+    for report in reports():
+        errors = report[("packed", layout)]
+        assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("case", ["mask-of-ones", "window-covers-sequence", "packed-cu_seqlens", "after-errors"])
 def test_what_is_exact_is_served(case):
     for report in reports():
         assert max(report[case].values()) <= TOL, report[case]
@@ -181,6 +224,20 @@ def test_world_of_one_matches_sdpa_and_labels_are_shifted():
     assert abs(got.loss.item() / want.loss.item() - 1) <= TOL
 
 
+def test_world_of_one_serves_packed_documents():
+    ids, labels = inputs()
+    ref = tiny_model("llama")
+    want_logits, want_loss = one_process(ref, ids, labels, packed=True)
+    batch = shard_inputs(input_ids=ids, labels=labels, position_ids=RESTARTING)
+    assert batch["cu_seq_lens_q"].tolist() == list(DOCUMENTS) and batch["cu_seq_lens_k"].dtype == torch.int32
+    assert (batch["labels"][:, [4, 15, 23]] == -100).all()  # no document's last token predicts the next one
+    assert torch.equal(shard_inputs(input_ids=ids, cu_seqlens=DOCUMENTS)["position_ids"], RESTARTING.unsqueeze(0))
+    got = prepare(copy.deepcopy(ref))(**batch)
+    assert relative_error(got.logits.detach(), want_logits.double()) <= TOL
+    assert abs(got.loss.item() / want_loss.item() - 1) <= TOL
+    assert "cu_seq_lens_q" not in shard_inputs(input_ids=ids, position_ids=torch.arange(SEQ) + 7)  # one document
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -188,8 +245,14 @@ def test_world_of_one_matches_sdpa_and_labels_are_shifted():
         (dict(input_ids=torch.zeros(SEQ, dtype=torch.long)), "must be 2-D (batch, seq)"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), labels=torch.zeros(2, SEQ - 1, dtype=torch.long)),
          "labels must have the shape of input_ids"),
-        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), position_ids=torch.arange(SEQ).remainder(8)),
-         "must count up by one"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long),
+              position_ids=torch.stack([torch.arange(SEQ), torch.arange(SEQ).remainder(8)])),
+         "restart (packed documents start) at different tokens in different rows"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), position_ids=torch.arange(SEQ).remainder(8),
+              cu_seqlens=[0, 16, SEQ]),
+         "position_ids restart at token 8, inside a document of cu_seqlens"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), cu_seqlens=[0, 16, SEQ + 2]), "cu_seqlens end at 26"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), cu_seqlens=[0, 16, 8, SEQ]), "never decrease"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), position_ids=torch.arange(SEQ - 1)),
          "position_ids must have shape"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), layout="ring"), "unknown layout"),
@@ -220,3 +283,20 @@ def test_finetune_example_under_torchrun():
     assert match, done.stdout
     first, last = map(float, match.groups())
     assert 0 < last < first < 10
+
+
+def test_finetune_example_packs_documents_as_transformers_does():
+    """--documents 3: the ring on 2 ranks reproduces plain transformers' losses on the packed batches (its
+    sdpa masks packed documents from restarting position ids)."""
+    example = [str(ROOT / "examples" / "finetune_transformers.py"), "--steps", "3", "--seq-len", "64", "--documents", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [[sys.executable, *example, "--plain"],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *example]]
+    losses = []
+    for cmd in runs:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        match = re.search(r"in 3 documents x 4: loss ([\d.]+) -> ([\d.]+) in 3 steps", done.stdout)
+        assert match, done.stdout
+        losses.append(match.groups())
+    assert losses[0] == losses[1], losses

@@ -26,6 +26,10 @@ in the whole batch)``. The mean over ranks of ``out.loss`` is the single-process
 of every parameter's gradient is the single-process gradient, so an all-reduce-mean over the group (what data
 parallelism does) gives exact gradients. Labels equal to -100 are ignored, as in transformers.
 
+Packed documents: position ids that restart (transformers' convention, ``DataCollatorWithFlattening``) or
+``shard_inputs(..., cu_seqlens=...)`` keep each token within its own document; ``shard_inputs`` returns the
+documents' global offsets as ``cu_seq_lens_q``/``cu_seq_lens_k``, which the model passes to every layer's ring.
+
 What cannot be served exactly raises ValueError, on every rank: padding masks with zeros, sliding windows
 shorter than the sequence, non-causal attention, attention dropout, attention weights as outputs, KV caches
 (generation), softcapping and attention sinks.
@@ -35,6 +39,8 @@ from __future__ import annotations
 
 import inspect
 import weakref
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +60,7 @@ if Version(transformers.__version__) < Version("4.57"):  # pragma: no cover - de
         f"masks built per attention implementation); found {transformers.__version__}: {_INSTALL}"
     )
 
-from ..layouts import Layout, _group_rank_size, get_layout, positions, shard
+from ..layouts import Layout, _group_rank_size, _offsets, get_layout, positions, shard
 from ..ring import ring_attention
 
 __all__ = ["prepare", "shard_inputs", "IGNORE_INDEX"]
@@ -123,6 +129,7 @@ def shard_inputs(
     input_ids: torch.Tensor,
     labels: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    cu_seqlens: Sequence[int] | torch.Tensor | None = None,
     layout: str | Layout = "striped",
     group: dist.ProcessGroup | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -133,33 +140,42 @@ def shard_inputs(
     next-token prediction before sharding (label of token t = ``labels[t + 1]``, -100 after the last token),
     so the model must not shift them again (the loss installed by :func:`prepare` does not).
 
+    Packed documents: where the position ids restart (transformers' convention for packed sequences, as
+    ``DataCollatorWithFlattening`` makes them) or ``cu_seqlens`` is given, each token attends only to its own
+    document, no token is trained to predict the next document's first token (its label becomes -100), and
+    the result carries the documents' global offsets as ``cu_seq_lens_q`` and ``cu_seq_lens_k``, which the
+    model hands to the ring attention of every layer.
+
     Args:
         input_ids: (batch, seq) integer token ids, the whole sequence; ``seq`` must be a multiple of the
             world size (of twice the world size for ``"zigzag"``). Right-pad with any token and label -100
             to get there: under causal attention, padding at the end changes nothing before it.
         labels: (batch, seq) integer targets *unshifted*, as one would pass to ``model(labels=...)``;
             -100 marks tokens without a loss. Optional.
-        position_ids: (seq,), (1, seq) or (batch, seq) global positions, consecutive in each row (an offset
-            is fine, restarts are not: packed documents are not supported). Defaults to ``0 .. seq-1``.
+        position_ids: (seq,), (1, seq) or (batch, seq) global positions. Each run that counts up by one is a
+            document; every row must start its documents at the same tokens. Defaults to ``0 .. seq-1`` (one
+            document), or to positions restarting at 0 in each document of ``cu_seqlens``.
+        cu_seqlens: packed documents as offsets ``[0, len_0, len_0 + len_1, ..., seq]`` (flash-attn's
+            convention), the same for every row; position ids, if given, may restart only where a document
+            starts. Optional: restarting position ids say the same.
         layout: as given to :func:`prepare`.
         group: as given to :func:`prepare`.
 
     Returns:
         ``{"input_ids": (batch, local_seq), "position_ids": (batch or 1, local_seq), "labels": (batch,
-        local_seq)}`` (labels only if given), ``local_seq = seq / world_size``, on ``input_ids``' device.
+        local_seq)}`` (labels only if given), ``local_seq = seq / world_size``, on ``input_ids``' device; with
+        more than one document also ``"cu_seq_lens_q"`` and ``"cu_seq_lens_k"``: the global offsets, int32.
 
     Raises:
-        ValueError: on bad shapes or dtypes, a length the layout cannot split, or non-consecutive positions.
+        ValueError: on bad shapes or dtypes, a length the layout cannot split, rows whose documents start at
+            different tokens, or position ids that restart inside a document of ``cu_seqlens``.
     """
     lay = get_layout(layout)
     _check_ids("input_ids", input_ids, None)
     batch, seq = input_ids.shape
     rank, size = _group_rank_size(group)
     lay.check(seq, size)
-    if position_ids is None:
-        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
-    else:
-        position_ids = _checked_positions(position_ids, batch, seq)
+    position_ids, starts = _positions_and_documents(position_ids, cu_seqlens, batch, seq)
     out = {
         "input_ids": shard(input_ids, layout=lay, dim=1, group=group),
         "position_ids": shard(position_ids.to(input_ids.device), layout=lay, dim=1, group=group),
@@ -167,7 +183,11 @@ def shard_inputs(
     if labels is not None:
         _check_ids("labels", labels, input_ids.shape)
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        shifted[:, [s - 1 for s in starts[1:-1]]] = IGNORE_INDEX  # a document's last token has no next one
         out["labels"] = shard(shifted.to(input_ids.device), layout=lay, dim=1, group=group)
+    if len(starts) > 2:
+        offsets = torch.tensor(starts, dtype=torch.int32, device=input_ids.device)
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = offsets
     return out
 
 
@@ -195,6 +215,10 @@ _UNSUPPORTED = {
     "s_aux": "attention sinks are not supported",
     "sinks": "attention sinks are not supported",
     "position_bias": "additive position biases are not supported",
+    "documents": (
+        "cu_seq_lens_q and cu_seq_lens_k must be equal, the packed documents' global offsets [0, ..., seq] over "
+        "the whole sequence: pass the dict from shard_inputs()"
+    ),
 }
 
 
@@ -216,7 +240,8 @@ class _Setup:
         (batch, kv_heads, local_seq, head_dim); returns ((batch, local_seq, heads, head_dim), None)."""
         self._check_call(module, query, key, attention_mask, dropout, kwargs)
         out = ring_attention(
-            query, key, value, layout=self.layout, group=self.group, causal=True, softmax_scale=scaling
+            query, key, value, layout=self.layout, group=self.group, causal=True, softmax_scale=scaling,
+            cu_seqlens=kwargs.get("cu_seq_lens_q"),  # packed documents, from shard_inputs (checked by the hook)
         )
         return out.transpose(1, 2).contiguous(), None
 
@@ -278,7 +303,8 @@ class _Setup:
     # -- inputs of each forward pass -------------------------------------------------------------------
 
     def check_inputs(self, module, args, kwargs):
-        """Forward pre-hook of the base model: validate the mask, positions and cache on all ranks at once."""
+        """Forward pre-hook of the base model: validate the mask, positions, documents and cache on all ranks
+        at once."""
         signature = _signature(module)
         arguments = signature.bind_partial(*args, **kwargs).arguments
         for param in signature.parameters.values():  # flatten the forward's **kwargs into the named arguments
@@ -293,9 +319,11 @@ class _Setup:
                 raise ValueError(self._message(code))
             return None
         # Every rank learns every rank's verdict, so all raise together (and none waits in the ring).
-        mine = [0 if code is None else 1 + _CODES.index(code), *_checksum(offsets)]
+        documents = arguments.get("cu_seq_lens_q") if code is None else None
+        shape = (0, 0) if offsets is None else offsets.shape
+        mine = [0 if code is None else 1 + _CODES.index(code), *shape, _crc(documents)]
         device = _collective_device(self.group, tokens.device if tokens is not None else torch.device("cpu"))
-        table = [torch.empty(3, dtype=torch.int64, device=device) for _ in range(size)]
+        table = [torch.empty(len(mine), dtype=torch.int64, device=device) for _ in range(size)]
         dist.all_gather(table, torch.tensor(mine, dtype=torch.int64, device=device), group=self.group)
         table = [row.tolist() for row in table]
         for r, (index, *_) in enumerate(table):
@@ -303,35 +331,58 @@ class _Setup:
                 raise ValueError(f"rank {r}: {self._message(_CODES[index - 1])}")
         if len({tuple(row[1:]) for row in table}) > 1:
             raise ValueError(
+                "ranks disagree on the batch size or the documents (cu_seq_lens_q): pass every rank its part of "
+                f"the same batch, from shard_inputs(layout={self.layout.name!r})"
+            )
+        if offsets is not None and not _agree(offsets, self.group, device):
+            raise ValueError(
                 "position_ids disagree between ranks (different offsets): pass every rank its part of the "
                 f"same batch, from shard_inputs(layout={self.layout.name!r})"
             )
         return None
 
     def _local_problem(self, arguments, tokens, rank, size):
-        """(code of the first problem with this rank's inputs or None, per-row position offsets or None)."""
+        """(code of the first problem with this rank's inputs or None, position offsets or None).
+
+        The offsets are (batch, documents): position id minus global position, which must be the same for every
+        token of a document (NO_TOKEN where this rank holds none of it)."""
         if arguments.get("use_cache") or any(arguments.get(k) is not None for k in ("cache", "past_key_values")):
             return "cache", None
         mask = arguments.get("attention_mask")
         if mask is not None and (mask.dim() != 2 or not bool(mask.bool().all())):
             return "mask", None
+        documents, keys = arguments.get("cu_seq_lens_q"), arguments.get("cu_seq_lens_k")
+        if (documents is None) != (keys is None) or (documents is not None and not torch.equal(documents, keys)):
+            return "documents", None
         if tokens is None or size == 1:
             return None, None
         pos = arguments.get("position_ids")
         if pos is None:
             return "no_positions", None
-        local = tokens.shape[1]
-        want = positions(local * size, layout=self.layout, rank=rank, world_size=size).to(pos.device)
-        diff = pos.reshape(-1, local) - want
-        if not bool((diff == diff[:, :1]).all()):
+        seq = tokens.shape[1] * size
+        try:
+            bounds = [0, seq] if documents is None else list(_offsets(documents))
+        except ValueError:
+            return "documents", None
+        if bounds[-1] != seq:
+            return "documents", None
+        want = positions(seq, layout=self.layout, rank=rank, world_size=size).to(pos.device)
+        diff = pos.reshape(-1, want.numel()).expand(tokens.shape[0], -1) - want
+        doc = (torch.searchsorted(torch.tensor(bounds), want.cpu(), right=True) - 1).to(pos.device)
+        doc = doc.expand_as(diff)
+        grid = (diff.shape[0], len(bounds) - 1)
+        low = torch.full(grid, NO_TOKEN, device=pos.device).scatter_reduce(1, doc, diff, "amin")
+        high = torch.full(grid, -NO_TOKEN, device=pos.device).scatter_reduce(1, doc, diff, "amax")
+        if not bool((low.gather(1, doc) == high.gather(1, doc)).all()):
             return "layout", None
-        return None, diff[:, 0].expand(tokens.shape[0])
+        return None, low
 
     def _message(self, code: str) -> str:
         if code == "layout":
             return (
-                f"position_ids do not follow layout {self.layout.name!r}: pass the dict from "
-                f"shard_inputs(layout={self.layout.name!r}), the layout given to prepare()"
+                f"position_ids do not follow layout {self.layout.name!r} within each document: pass the dict from "
+                f"shard_inputs(layout={self.layout.name!r}), the layout given to prepare() (for packed documents it "
+                "also holds their offsets, cu_seq_lens_q and cu_seq_lens_k)"
             )
         return _UNSUPPORTED[code]
 
@@ -370,12 +421,21 @@ def _signature(module) -> inspect.Signature:
     return _SIGNATURES[cls]
 
 
-def _checksum(offsets: torch.Tensor | None) -> tuple[int, int]:
-    """Two numbers that differ between ranks if their per-row position offsets do."""
-    if offsets is None:
-        return 0, 0
-    weights = torch.arange(1, offsets.numel() + 1, device=offsets.device)
-    return int(offsets.sum()), int((offsets * weights).sum())
+NO_TOKEN = torch.iinfo(torch.int64).max  # in a table of offsets: this rank holds no token of the document
+
+
+def _crc(documents: torch.Tensor | None) -> int:
+    """A number that differs between ranks if their document offsets do (0 without documents)."""
+    return 0 if documents is None else zlib.crc32(repr(documents.tolist()).encode())
+
+
+def _agree(offsets: torch.Tensor, group, device: torch.device) -> bool:
+    """Whether every rank that holds tokens of a (row, document) found the same position offset for it."""
+    held = offsets != NO_TOKEN
+    both = torch.stack([offsets, torch.where(held, -offsets, NO_TOKEN)]).to(device)  # min of x, min of -x
+    dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
+    low, high = both[0].to(offsets.device), -both[1].to(offsets.device)
+    return bool((~held | ((low == offsets) & (high == offsets))).all())
 
 
 def _check_ids(name: str, t, shape) -> None:
@@ -389,8 +449,17 @@ def _check_ids(name: str, t, shape) -> None:
         raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _checked_positions(position_ids, batch: int, seq: int) -> torch.Tensor:
-    """position_ids as (1 or batch, seq), after checking it is consecutive in every row."""
+def _positions_and_documents(position_ids, cu_seqlens, batch: int, seq: int) -> tuple[torch.Tensor, list[int]]:
+    """(position ids (1 or batch, seq), document offsets [0, ..., seq]) from what the caller gave, checked:
+    the documents are cu_seqlens or else the runs of position ids that count up by one."""
+    documents = None if cu_seqlens is None else list(_offsets(cu_seqlens))
+    if documents is not None and documents[-1] != seq:
+        raise ValueError(f"cu_seqlens end at {documents[-1]}, but the sequences have {seq} tokens")
+    if position_ids is None:
+        if documents is None:
+            return torch.arange(seq).unsqueeze(0), [0, seq]
+        starts = torch.tensor(documents[:-1]).repeat_interleave(torch.tensor(documents).diff())
+        return (torch.arange(seq) - starts).unsqueeze(0), documents
     if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
         raise ValueError("position_ids must be an integer torch.Tensor")
     pos = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
@@ -398,9 +467,19 @@ def _checked_positions(position_ids, batch: int, seq: int) -> torch.Tensor:
         raise ValueError(
             f"position_ids must have shape ({seq},), (1, {seq}) or ({batch}, {seq}), got {tuple(position_ids.shape)}"
         )
-    if seq > 1 and not bool((pos.diff(dim=1) == 1).all()):
+    restarts = pos.diff(dim=1) != 1  # (rows, seq - 1): token t + 1 starts a document
+    if not bool((restarts == restarts[:1]).all()):
         raise ValueError(
-            "position_ids must count up by one in every row (an offset is fine): restarts mean packed documents, "
-            "which the ring does not separate"
+            "position_ids restart (packed documents start) at different tokens in different rows; the ring needs "
+            "the same documents in every row: pack each row alike, or pass the rows in separate batches"
         )
-    return pos
+    found = [0, *(restarts[0].nonzero().flatten() + 1).tolist(), seq]
+    if documents is None:
+        return pos, found
+    inside = sorted(set(found) - set(documents))
+    if inside:
+        raise ValueError(
+            f"position_ids restart at token {inside[0]}, inside a document of cu_seqlens; they must count up by "
+            "one within each document"
+        )
+    return pos, documents
