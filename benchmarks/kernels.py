@@ -3,11 +3,14 @@
     python benchmarks/kernels.py                  # 2,048 / 4,096 / 8,192 tokens per rank, 8 heads, head_dim 64
     python benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 8192 16384 32768 --heads 32 --head-dim 128
     python benchmarks/kernels.py --tokens 4096 --threads 1 2 --kv-heads 1   # CPU threads, one kv head (MQA)
+    python benchmarks/kernels.py --tokens 4096 --kernels own --triangles 16 32 64 128 256 1024   # small pieces
 
 Pieces: striped's causal triangle (s <= r) and its shifted, strictly causal one (s > r), zigzag's two dense
 half blocks (s < r: all queries x first half of the keys; s > r: second half of the queries x all keys).
 A perfect kernel would give 0.5 for all four. Median of repeats, pieces interleaved; on CPU one thread unless
---threads says otherwise.
+--threads says otherwise. With --triangles: instead, the cost per (query, key) pair of causal triangles of N
+tokens (the pieces short packed documents give each rank), relative to a full block's, and the time of a call
+on one query and one key (what any piece costs beyond its pairs).
 Kernels: on CPU "torch" is torch's flash kernel, "own" this package's compiled one (backend "auto"); on CUDA
 torch's "flash" (FlashAttention-2), "cudnn" and "efficient" (memory-efficient) kernels.
 """
@@ -21,6 +24,7 @@ import time
 import torch
 
 from striped_attention import kernels
+from striped_attention.layouts import Block
 
 KERNELS = {"torch": "torch", "own": "auto", "flash": "flash", "cudnn": "cudnn", "efficient": "efficient"}  # -> backend
 DEFAULT = {"cpu": ["torch", "own"], "cuda": ["flash", "cudnn"]}
@@ -44,10 +48,14 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="q/k/v dtype (default: %(default)s)")
     p.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU threads, each count in turn (default: 1)")
+    p.add_argument("--triangles", type=int, nargs="+", metavar="N",
+                   help="time causal triangles of N tokens instead of the layouts' pieces (each N <= --tokens)")
     args = p.parse_args(argv)
     kv_heads = args.kv_heads or args.heads
     if args.heads % kv_heads or min(args.threads) < 1:
         p.error("--heads must be a multiple of --kv-heads, and --threads at least 1")
+    if args.triangles and not 1 <= min(args.triangles) <= max(args.triangles) <= min(args.tokens):
+        p.error("--triangles must be from 1 to --tokens")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     names = args.kernels or DEFAULT[device.type]
     if device.type == "cuda":
@@ -58,9 +66,11 @@ def main(argv=None) -> None:
     if "own" in names and kernels.cpu_extension() is None:
         raise SystemExit("the compiled CPU kernel is unavailable here (see the warning above)")
     threads_column = thread_counts not in ([1], [None])
-    print(f"| tokens per rank | kernel |{' threads |' * threads_column} pass | full block ms | striped s<=r | "
-          f"striped s>r | zigzag s<r | zigzag s>r |")
-    print(f"|---:|---|{'---:|' * threads_column}---|---:|---:|---:|---:|---:|")
+    columns = ["striped s<=r", "striped s>r", "zigzag s<r", "zigzag s>r"]
+    if args.triangles:
+        columns = ["one-token call us", *(f"triangle {n}" for n in args.triangles)]
+    print(f"| tokens per rank | kernel |{' threads |' * threads_column} pass | full block ms | {' | '.join(columns)} |")
+    print(f"|---:|---|{'---:|' * threads_column}---|---:|{'---:|' * len(columns)}")
     runs = ((c, kernel, n) for c in args.tokens for kernel in names for n in thread_counts)
     for c, kernel, threads in runs:
         backend = KERNELS[kernel]
@@ -77,6 +87,11 @@ def main(argv=None) -> None:
             "zigzag s<r": (slice(0, c), slice(0, h), False),
             "zigzag s>r": (slice(h, c), slice(0, c), False),
         }
+        if args.triangles:
+            pieces = {"full": pieces["full"], "one-token call us": (slice(0, 1), slice(0, 1), False),
+                      **{f"triangle {n}": (slice(0, n), slice(0, n), True) for n in args.triangles}}
+        pairs = {name: Block(*spec).pairs() for name, spec in pieces.items()}
+        calls = {name: min(1000, -(-pairs["full"] // (16 * pairs[name]))) for name in pieces}  # small: many calls
 
         def forward(qs, ks, causal):
             kernels.attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale,
@@ -86,18 +101,37 @@ def main(argv=None) -> None:
             kernels.attention_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
                                        lse[:, :, qs], causal=causal, scale=scale, backend=backend)
 
+        if args.triangles:  # small pieces as the ring calls them: folded into sums and gradients in place
+            sums, grads = kernels.no_keys_seen(q), [torch.zeros_like(t, dtype=out.dtype) for t in (q, k, v)]
+
+            def forward(qs, ks, causal):
+                kernels.attention_forward_(sums[0][:, :, qs], sums[1][:, :, qs], q[:, :, qs], k[:, :, ks],
+                                           v[:, :, ks], causal=causal, scale=scale, backend=backend)
+
+            def backward(qs, ks, causal):
+                kernels.attention_backward_(grads[0][:, :, qs], grads[1][:, :, ks], grads[2][:, :, ks],
+                                            dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                            lse[:, :, qs], causal=causal, scale=scale, backend=backend)
+
         for name, fn in (("fwd", forward), ("bwd", backward)):
             times = {piece: [] for piece in pieces}
             for rep in range(args.repeats + 1):
                 for piece, spec in pieces.items():
                     _sync(device)
                     start = time.perf_counter()
-                    fn(*spec)
+                    for _ in range(calls[piece]):
+                        fn(*spec)
                     _sync(device)
                     if rep:
-                        times[piece].append(time.perf_counter() - start)
+                        times[piece].append((time.perf_counter() - start) / calls[piece])
             ms = {piece: statistics.median(t) * 1e3 for piece, t in times.items()}
-            ratios = " | ".join(f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:])
+            if args.triangles:  # the call in microseconds, the triangles' cost per pair relative to the full block
+                per_pair = {piece: ms[piece] / pairs[piece] for piece in pieces}
+                cells = [f"{ms['one-token call us'] * 1e3:.1f}"]
+                cells += [f"{per_pair[piece] / per_pair['full']:.2f}x" for piece in list(pieces)[2:]]
+            else:
+                cells = [f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:]]
+            ratios = " | ".join(cells)
             threads_cell = f" {threads} |" if threads_column else ""
             print(f"| {c} | {kernel} |{threads_cell} {name} | {ms['full']:.2f} | {ratios} |", flush=True)
 

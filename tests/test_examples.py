@@ -13,3 +13,20 @@ def test_attention_example_under_torchrun():
     assert done.returncode == 0, done.stderr[-3000:]
     line = [s for s in done.stdout.splitlines() if "max error" in s][-1]
     assert float(line.split("max error ")[1].split(",")[0]) < 1e-5, line
+
+
+def test_kernels_benchmark_tables(capsys):
+    """benchmarks/kernels.py, both tables, on small blocks: a row per (kernel, pass), every cell a positive number."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernels as bench_kernels  # benchmarks/kernels.py
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for extra, cells in (([], 4), (["--triangles", "4", "16"], 3)):
+        bench_kernels.main(["--tokens", "64", "--kernels", "own", "torch", "--repeats", "1", *extra])
+        rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+        assert [(r[1].strip(), r[2].strip()) for r in rows] == [("own", "fwd"), ("own", "bwd"), ("torch", "fwd"),
+                                                                 ("torch", "bwd")]
+        for row in rows:
+            values = [float(cell.strip().rstrip("x")) for cell in row[3:]]
+            assert len(values) == 1 + cells and min(values) > 0, row
