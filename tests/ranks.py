@@ -37,7 +37,10 @@ def full_inputs(seed, batch, heads, kv_heads, seq, head_dim):
 
 
 def document_mask(cu_seqlens, seq: int, causal: bool) -> torch.Tensor:
-    """(seq, seq) bool: query i sees key j (same document, and j <= i if causal)."""
+    """(seq, seq) bool: query i sees key j (same document, and j <= i if causal); (batch, 1, seq, seq) for
+    one list of offsets per row."""
+    if isinstance(cu_seqlens[0], (tuple, list)):
+        return torch.stack([document_mask(row, seq, causal) for row in cu_seqlens]).unsqueeze(1)
     doc = torch.searchsorted(torch.tensor(cu_seqlens), torch.arange(seq), right=True)
     mask = doc[:, None] == doc[None, :]
     return mask.tril() if causal else mask

@@ -6,13 +6,14 @@ The numeric checks on 1 to 4 ranks against float64 attention with a document mas
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from ranks import document_mask, error_of, full_inputs, reference, relative_error, sharded_run
 from striped_attention import LAYOUTS, Block, Layout, ring_attention
-from striped_attention.layouts import Documents
+from striped_attention.layouts import Documents, DocumentsPerRow
 
 
 def _random_documents(rng: random.Random, seq: int) -> list[int]:
@@ -43,6 +44,21 @@ def test_pieces_compute_each_pair_of_a_document_once_and_nothing_else():
                 want = mask[layout.positions(seq, r, world)][:, layout.positions(seq, s, world)]
                 got = _covered(layout.blocks(r, s, c, world, causal), c)
                 assert torch.equal(got, want.int()), (name, world, cu_seqlens, r, s, causal)
+
+
+def test_rows_with_their_own_documents_compute_their_own_pieces():
+    """Per-row offsets: each row's pieces are its own documents' (as the 200 packings above check them), on
+    that row only; rows alike share pieces."""
+    rows = ((0, 3, 16), (0, 3, 16), (0, 9, 9, 16), (0, 3, 16))
+    layout = Documents.of("striped", [list(r) for r in rows], batch=4)
+    assert isinstance(layout, DocumentsPerRow) and Documents.of("striped", torch.tensor(rows[:2])).cu_seqlens == rows[0]
+    for r, s in ((0, 0), (0, 1), (1, 0)):
+        blocks = layout.blocks(r, s, 8, 2, True)
+        for row_slice, offsets in ((slice(0, 2), rows[0]), (slice(2, 3), rows[2]), (slice(3, 4), rows[3])):
+            mine = [b for b in blocks if b.rows == row_slice]
+            assert mine and mine == [replace(b, rows=row_slice) for b in Documents(
+                "striped", offsets).blocks(r, s, 8, 2, True)]
+        assert len(blocks) == sum(len(Documents("striped", rows[b]).blocks(r, s, 8, 2, True)) for b in (0, 2, 3))
 
 
 def _pairs_per_step(name: str, cu_seqlens, world: int) -> list[list[int]]:
@@ -84,7 +100,9 @@ BAD = {
     "too short": ([8], "must start at 0 and never decrease"),
     "wrong end": ([0, 4], "cu_seqlens end at 4, but the sequence has 8 tokens"),
     "float tensor": (torch.tensor([0.0, 8.0]), "1-D integer tensor"),
-    "2-D tensor": (torch.tensor([[0, 8]]), "1-D integer tensor"),
+    "3-D tensor": (torch.tensor([[[0, 8]]]), "1-D integer tensor"),
+    "a row too many": ([[0, 8], [0, 8]], "cu_seqlens has offsets for 2 rows, but the batch has 1"),
+    "a bad row": ([[0, 9, 8]], "must start at 0 and never decrease"),
     "floats": ([0, 8.0], "must hold ints"),
     "a string": ("0,8", "a sequence of ints"),
 }

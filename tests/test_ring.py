@@ -28,7 +28,7 @@ class Case:
     scale: float | None = None
     backend: str = "auto"
     head_groups: int | None = None
-    cu_seqlens: tuple[int, ...] | None = None
+    cu_seqlens: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None  # one list for every row, or per row
 
     @property
     def tol(self):
@@ -36,11 +36,16 @@ class Case:
 
 
 DOCUMENTS = (0, 5, 17, 18, 18, 40, 48)  # lengths 5, 12, 1, 0, 22, 8: none a multiple of the ranks
+DOCUMENTS_PER_ROW = (DOCUMENTS, (0, 30, 48))  # row 0 as above, row 1 two documents
 
 
 def _cases(world):
     cases = [Case(name, causal) for name in sorted(LAYOUTS) for causal in (True, False)]
     cases += [Case(name, causal, cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS) for causal in (True, False)]
+    cases += [Case(name, True, cu_seqlens=DOCUMENTS_PER_ROW) for name in sorted(LAYOUTS)]
+    if world == 2:  # different documents in each row, not causal, and with every row alike given per row
+        cases += [Case(name, False, cu_seqlens=DOCUMENTS_PER_ROW) for name in sorted(LAYOUTS)]
+        cases += [Case("striped", True, cu_seqlens=(DOCUMENTS, DOCUMENTS))]
     if world == 2:  # documents in 16 bits, and on torch's kernels
         cases += [Case(name, True, dtype="bfloat16", cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS)]
         cases += [Case(name, True, backend="torch", cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS)]
@@ -141,6 +146,10 @@ def run_checks():
         "peer-head-groups": lambda: ring_attention(*(t(1, 2, c, 4) for _ in range(3)), head_groups=1 + rank),
         "documents-end": lambda: ring_attention(*(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[0, 3, c]),
         "peer-documents": lambda: ring_attention(*(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[0, 3 + rank, 2 * c]),
+        "documents-rows": lambda: ring_attention(*(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[[0, 2 * c]] * 2),
+        "peer-documents-rows": lambda: ring_attention(
+            *(t(2, 2, c, 4) for _ in range(3)), cu_seqlens=[[0, 2 * c], [0, 3 + rank, 2 * c]]
+        ),
         "peer-documents-none": lambda: ring_attention(
             *(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[0, 2 * c] if rank else None
         ),
@@ -191,6 +200,8 @@ BAD = {
     "peer-head-groups": "ranks disagree on head_groups",
     "documents-end": "cu_seqlens end at 8, but the sequence has 16 tokens",
     "peer-documents": "ranks disagree on cu_seqlens",
+    "documents-rows": "cu_seqlens has offsets for 2 rows, but the batch has 1",
+    "peer-documents-rows": "ranks disagree on cu_seqlens",
     "peer-documents-none": "ranks disagree on cu_seqlens (rank 0: cu_seqlens=None; rank 1: cu_seqlens=checksum",
 }
 

@@ -17,20 +17,23 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
-    "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "LAYOUTS", "get_layout", "positions", "shard",
-    "unshard",
+    "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "DocumentsPerRow", "LAYOUTS", "get_layout",
+    "positions", "shard", "unshard",
 ]
+
+EVERY_ROW = slice(None)
 
 
 @dataclass(frozen=True)
 class Block:
-    """One attention piece: queries ``q`` attend to keys ``k`` (local slices), causal or dense.
+    """One attention piece: queries ``q`` attend to keys ``k`` (local slices), causal or dense, in the batch
+    rows ``rows`` (every row unless packed documents differ between rows).
 
     ``causal=True`` means query ``q.start + i`` sees key ``k.start + j`` iff ``j <= i`` (top-left aligned, as
     torch's fused kernels define it); ``causal=False`` means every query sees every key of the slice.
@@ -39,6 +42,15 @@ class Block:
     q: slice
     k: slice
     causal: bool
+    rows: slice = field(default_factory=lambda: EVERY_ROW)
+
+    def queries(self, t: torch.Tensor) -> torch.Tensor:
+        """The piece's part of a (batch, heads, local_seq, ...) tensor indexed like the queries."""
+        return t[self.rows, :, self.q]
+
+    def keys(self, t: torch.Tensor) -> torch.Tensor:
+        """The piece's part of a (batch, kv_heads, local_seq, ...) tensor indexed like the keys."""
+        return t[self.rows, :, self.k]
 
     def pairs(self) -> int:
         """Number of (query, key) pairs this block computes."""
@@ -182,10 +194,19 @@ class Documents(Layout):
         self._blocks: dict[tuple, tuple[Block, ...]] = {}
 
     @staticmethod
-    def of(layout: str | Layout, cu_seqlens: Sequence[int] | torch.Tensor) -> Documents:
-        """``Documents(layout, cu_seqlens)``, one instance per (layout, offsets): the layers of a model, each
-        calling ring_attention with the same documents, share the pieces cut once."""
-        return _shared_documents(get_layout(layout), _offsets(cu_seqlens))
+    def of(layout: str | Layout, cu_seqlens, batch: int | None = None) -> Documents | DocumentsPerRow:
+        """The layout of ``cu_seqlens``: one set of offsets for every row (a :class:`Documents`) or one per row
+        of the batch (a :class:`DocumentsPerRow`, ``batch`` of them); one instance per (layout, offsets), so
+        the layers of a model, each calling ring_attention with the same documents, share the pieces cut once."""
+        layout, rows = get_layout(layout), _rows_of_offsets(cu_seqlens)
+        if rows is None:
+            return _shared_documents(layout, _offsets(cu_seqlens))
+        if batch is not None and len(rows) != batch:
+            raise ValueError(f"cu_seqlens has offsets for {len(rows)} rows, but the batch has {batch}; give one "
+                             "list of offsets per row, or one list for every row")
+        if len(set(rows)) == 1:  # every row alike: the pieces of one set, over the whole batch
+            return _shared_documents(layout, rows[0])
+        return _shared_rows(layout, rows)
 
     def divisor(self, world_size):
         return self.inner.divisor(world_size)
@@ -247,9 +268,63 @@ class Documents(Layout):
         return f"Documents({self.inner!r}, cu_seqlens={list(self.cu_seqlens)})"
 
 
+class DocumentsPerRow(Layout):
+    """Packed documents that differ between the rows of the batch: ``rows[b]`` are row b's offsets (as
+    :class:`Documents` takes them). Each run of rows with the same offsets computes its Documents' pieces, on
+    those rows only (:attr:`Block.rows`): the ring engine and the kernels are unchanged."""
+
+    def __init__(self, layout: str | Layout, rows: Sequence[Sequence[int] | torch.Tensor]):
+        self.inner = get_layout(layout)
+        self.name = self.inner.name
+        self.cu_seqlens = tuple(_offsets(r) for r in rows)
+        self.checksum = zlib.crc32(repr(self.cu_seqlens).encode())  # what the ranks compare
+        starts = [b for b in range(len(self.cu_seqlens)) if b == 0 or self.cu_seqlens[b] != self.cu_seqlens[b - 1]]
+        self._runs = [(slice(a, b), Documents.of(self.inner, self.cu_seqlens[a]))
+                      for a, b in zip(starts, [*starts[1:], len(self.cu_seqlens)])]
+        self._blocks: dict[tuple, tuple[Block, ...]] = {}
+
+    def divisor(self, world_size):
+        return self.inner.divisor(world_size)
+
+    def check(self, seq_len, world_size):
+        for _, documents in self._runs:
+            documents.check(seq_len, world_size)
+
+    def positions(self, seq_len, rank, world_size):
+        return self.inner.positions(seq_len, rank, world_size)
+
+    def blocks(self, q_rank, kv_rank, local_len, world_size, causal):
+        key = (q_rank, kv_rank, local_len, world_size, causal)
+        if key not in self._blocks:
+            self._blocks[key] = tuple(
+                replace(blk, rows=rows)
+                for rows, documents in self._runs for blk in documents.blocks(*key)
+            )
+        return self._blocks[key]
+
+    def __repr__(self) -> str:
+        return f"DocumentsPerRow({self.inner!r}, rows={[list(r) for r in self.cu_seqlens]})"
+
+
 @functools.lru_cache(maxsize=16)
 def _shared_documents(layout: Layout, offsets: tuple[int, ...]) -> Documents:
     return Documents(layout, offsets)
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_rows(layout: Layout, rows: tuple[tuple[int, ...], ...]) -> DocumentsPerRow:
+    return DocumentsPerRow(layout, rows)
+
+
+def _rows_of_offsets(cu_seqlens) -> tuple[tuple[int, ...], ...] | None:
+    """One offsets tuple per row if ``cu_seqlens`` holds one list per row (a 2-D tensor, or a sequence of
+    sequences or 1-D tensors), checked; None if it is one list of offsets."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        return tuple(_offsets(row) for row in cu_seqlens) if cu_seqlens.dim() == 2 else None
+    if isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)) and len(cu_seqlens):
+        if isinstance(cu_seqlens[0], (Sequence, torch.Tensor)) and not isinstance(cu_seqlens[0], (str, bytes)):
+            return tuple(_offsets(row) for row in cu_seqlens)
+    return None
 
 
 def _offsets(cu_seqlens) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import kernels
-from .layouts import Documents, Layout, get_layout
+from .layouts import EVERY_ROW, Documents, DocumentsPerRow, Layout, get_layout
 
 __all__ = ["ring_attention", "ring_forward", "ring_backward", "source_rank", "record_steps", "StepTime", "Transfer"]
 
@@ -41,7 +41,7 @@ def ring_attention(
     group: dist.ProcessGroup | None = None,
     causal: bool = True,
     softmax_scale: float | None = None,
-    cu_seqlens: Sequence[int] | torch.Tensor | None = None,
+    cu_seqlens: Sequence[int] | Sequence[Sequence[int] | torch.Tensor] | torch.Tensor | None = None,
     backend: str = "auto",
     head_groups: int | None = None,
 ) -> torch.Tensor:
@@ -58,9 +58,10 @@ def ring_attention(
         causal: causal masking over the *global* positions; False attends to the whole sequence.
         softmax_scale: scale of the scores; defaults to 1/sqrt(head_dim).
         cu_seqlens: packed documents: the *global* offsets where documents start, then the sequence length,
-            ``[0, len_0, len_0 + len_1, ..., seq_len]`` (flash-attn's convention), the same on every rank and
-            for every row of the batch. A token attends only to its own document's tokens (causally if
-            ``causal``). None: one document.
+            ``[0, len_0, len_0 + len_1, ..., seq_len]`` (flash-attn's convention), the same on every rank; one
+            list for every row of the batch, or one per row (a list of ``batch`` lists or 1-D tensors, or a
+            2-D tensor). A token attends only to its own document's tokens (causally if ``causal``). None:
+            one document.
         backend: ``"auto"`` (fused kernels: this package's compiled kernel for float32 and float64 on
             CPU; on CUDA cuDNN's (Hopper and later) or FlashAttention-2 for 16-bit inputs, the
             memory-efficient kernel for float32; the reference where none fits), ``"torch"`` (torch's fused
@@ -82,7 +83,7 @@ def ring_attention(
     _check_local(q, k, v, backend)
     ring = _Ring(group)
     if cu_seqlens is not None:
-        lay = Documents.of(lay, cu_seqlens)
+        lay = Documents.of(lay, cu_seqlens, batch=q.shape[0])
     lay.check(q.shape[2] * ring.size, ring.size)
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     groups = _head_groups(head_groups, k, ring.size)
@@ -221,7 +222,7 @@ _FIELDS = (
 def _signature(q, k, layout, causal, scale, head_groups) -> list[int]:
     b, h, n, d = q.shape
     dtype = _DTYPES.index(q.dtype)
-    documents = isinstance(layout, Documents)
+    documents = isinstance(layout, (Documents, DocumentsPerRow))
     name = zlib.crc32(type(layout.inner if documents else layout).__qualname__.encode())
     offsets = layout.checksum if documents else -1  # -1: one document
     (scale_bits,) = struct.unpack("<q", struct.pack("<d", scale))
@@ -357,14 +358,14 @@ def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
         for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
-            piece = (q[:, :, blk.q], kv[0][:, :, blk.k], kv[1][:, :, blk.k])
+            piece = (blk.queries(q), blk.keys(kv[0]), blk.keys(kv[1]))
             if out is None:
-                if blk.q == every_query:  # the first piece, over every query, starts the sums
+                if blk.q == every_query and blk.rows == EVERY_ROW:  # the first piece, over every query, starts the sums
                     out, lse = kernels.first_sums(*piece, causal=blk.causal, scale=scale, backend=backend)
                     continue
                 out, lse = kernels.no_keys_seen(q)
             kernels.attention_forward_(
-                out[:, :, blk.q], lse[:, :, blk.q], *piece, causal=blk.causal, scale=scale, backend=backend
+                blk.queries(out), blk.queries(lse), *piece, causal=blk.causal, scale=scale, backend=backend
             )
         clock.computed()
         if incoming is not None:
@@ -414,9 +415,8 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
         dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in kv)
         for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
             kernels.attention_backward_(
-                dq[:, :, blk.q], dk[:, :, blk.k], dv[:, :, blk.k], dout[:, :, blk.q], q[:, :, blk.q],
-                kv[0][:, :, blk.k], kv[1][:, :, blk.k], out[:, :, blk.q], lse[:, :, blk.q],
-                causal=blk.causal, scale=scale, backend=backend,
+                blk.queries(dq), blk.keys(dk), blk.keys(dv), blk.queries(dout), blk.queries(q), blk.keys(kv[0]),
+                blk.keys(kv[1]), blk.queries(out), blk.queries(lse), causal=blk.causal, scale=scale, backend=backend,
             )
         clock.computed()
         if grads_in_flight is not None:  # what the ranks before us added for this same K/V block
