@@ -64,32 +64,51 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 DOCUMENTS = (0, 5, 16, 24)  # packed documents of 5, 11 and 8 tokens
-RESTARTING = torch.cat([torch.arange(b - a) for a, b in zip(DOCUMENTS, DOCUMENTS[1:])])  # their position ids
+OTHER_DOCUMENTS = (0, 9, 24)  # the second row's, where rows differ
 
 
-def one_process(ref, ids, labels, packed: bool):
-    """(logits, loss) of the single-process model; packed: each document run on its own, so no token sees
-    another document and no target crosses into the next one."""
-    if not packed:
+def restarting(offsets) -> torch.Tensor:
+    """Position ids restarting at 0 in each document: transformers' convention for packed sequences."""
+    return torch.cat([torch.arange(b - a) for a, b in zip(offsets, offsets[1:])])
+
+
+def one_process(ref, ids, labels, rows=None):
+    """(logits, loss) of the single-process model; with ``rows`` (each row's document offsets) each document
+    runs on its own, so no token sees another document and no target crosses into the next one."""
+    if rows is None:
         want = ref(input_ids=ids, labels=labels)
         return want.logits, want.loss
-    spans = list(zip(DOCUMENTS, DOCUMENTS[1:]))
-    logits = torch.cat([ref(input_ids=ids[:, a:b]).logits for a, b in spans], dim=1)
-    targets = torch.cat([F.pad(labels[:, a + 1:b], (0, 1), value=-100) for a, b in spans], dim=1)
+    logits, targets = [], []
+    for b, offsets in enumerate(rows):
+        spans = list(zip(offsets, offsets[1:]))
+        logits.append(torch.cat([ref(input_ids=ids[b:b + 1, s:e]).logits for s, e in spans], dim=1))
+        targets.append(torch.cat([F.pad(labels[b:b + 1, s + 1:e], (0, 1), value=-100) for s, e in spans], dim=1))
+    logits, targets = torch.cat(logits), torch.cat(targets)
     return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-def compare(family: str, layout: str, documents: dict | None = None, **call) -> dict[str, float]:
-    """Relative errors of the context-parallel run against one process: logits, loss, worst gradient.
-    ``documents``: what tells shard_inputs the packed DOCUMENTS (restarting position_ids or cu_seqlens)."""
+PACKINGS = {  # name: (each row's documents, what tells shard_inputs about them)
+    "same-documents": ((DOCUMENTS, DOCUMENTS), {"position_ids": restarting(DOCUMENTS)}),
+    "documents-per-row": ((DOCUMENTS, OTHER_DOCUMENTS),
+                          {"position_ids": torch.stack([restarting(DOCUMENTS), restarting(OTHER_DOCUMENTS)])}),
+    # global positions and offsets: RoPE sees other positions, attention the same scores
+    "offsets-per-row": ((DOCUMENTS, OTHER_DOCUMENTS),
+                        {"position_ids": torch.arange(SEQ), "cu_seqlens": [DOCUMENTS, OTHER_DOCUMENTS]}),
+}
+
+
+def compare(family: str, layout: str, packing: str | None = None, **call) -> dict[str, float]:
+    """Relative errors of the context-parallel run against one process: logits, loss, worst gradient;
+    ``packing`` names packed documents of PACKINGS."""
     ids, labels = inputs()
     ref = tiny_model(family)
-    want_logits, want_loss = one_process(ref, ids, labels, packed=documents is not None)
+    rows, how = PACKINGS[packing] if packing else (None, {})
+    want_logits, want_loss = one_process(ref, ids, labels, rows)
     want_loss.backward()
 
     model = prepare(copy.deepcopy(ref), layout=layout)
     model.zero_grad()
-    got = model(**shard_inputs(input_ids=ids, labels=labels, layout=layout, **(documents or {})), **call)
+    got = model(**shard_inputs(input_ids=ids, labels=labels, layout=layout, **how), **call)
     got.loss.backward()
     grads = [
         relative_error(mean_over_ranks(p.grad), q.grad.double())
@@ -113,9 +132,9 @@ def bad_calls(rank: int) -> dict:
     zigzag = shard_inputs(input_ids=ids, labels=labels, layout="zigzag")
     windowed = prepare(tiny_model("mistral", sliding_window=SEQ - 1))
     dropout = prepare(tiny_model("llama", attention_dropout=0.1)).train()
-    packed = shard_inputs(input_ids=ids, labels=labels, position_ids=RESTARTING, layout="striped")
+    packed = shard_inputs(input_ids=ids, labels=labels, position_ids=restarting(DOCUMENTS), layout="striped")
     other_documents = shard_inputs(input_ids=ids, cu_seqlens=[0, 5 + rank, 16, SEQ], layout="striped")
-    shifted_document = shard_inputs(input_ids=ids, position_ids=RESTARTING + 10 * rank * (torch.arange(SEQ) >= 16),
+    shifted_document = shard_inputs(input_ids=ids, position_ids=restarting(DOCUMENTS) + 10 * rank * (torch.arange(SEQ) >= 16),
                                     cu_seqlens=DOCUMENTS, layout="striped")
     return {
         "documents-differ": lambda: model(**other_documents),
@@ -159,11 +178,9 @@ def run_all():
     report["mask-of-ones"] = compare("llama", "striped", attention_mask=torch.ones(2, SEQ // 2, dtype=torch.long))
     report["window-covers-sequence"] = compare("mistral", "zigzag")  # Mistral's default window (4096) >= SEQ
     for layout in sorted(LAYOUTS):
-        report[("packed", layout)] = compare("llama", layout, documents={"position_ids": RESTARTING})
-    # global positions and the documents given as offsets: RoPE sees other positions, attention the same scores
-    report["packed-cu_seqlens"] = compare(
-        "qwen2", "striped", documents={"position_ids": torch.arange(SEQ), "cu_seqlens": DOCUMENTS}
-    )
+        for packing in ("same-documents", "documents-per-row"):
+            report[(packing, layout)] = compare("llama", layout, packing)
+    report["offsets-per-row"] = compare("qwen2", "striped", "offsets-per-row")
     report.update({name: error_of(fn) for name, fn in bad_calls(dist.get_rank()).items()})
     report["after-errors"] = compare("qwen2", "striped")
     return report
@@ -184,14 +201,15 @@ def test_logits_loss_and_gradients_match_one_process(family, layout):
         assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.parametrize("packing", ["same-documents", "documents-per-row"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_packed_documents_match_each_document_on_its_own(layout):
+def test_packed_documents_match_each_document_on_its_own(layout, packing):
     for report in reports():
-        errors = report[("packed", layout)]
+        errors = report[(packing, layout)]
         assert max(errors.values()) <= TOL, errors
 
 
-@pytest.mark.parametrize("case", ["mask-of-ones", "window-covers-sequence", "packed-cu_seqlens", "after-errors"])
+@pytest.mark.parametrize("case", ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "after-errors"])
 def test_what_is_exact_is_served(case):
     for report in reports():
         assert max(report[case].values()) <= TOL, report[case]
@@ -227,14 +245,21 @@ def test_world_of_one_matches_sdpa_and_labels_are_shifted():
 def test_world_of_one_serves_packed_documents():
     ids, labels = inputs()
     ref = tiny_model("llama")
-    want_logits, want_loss = one_process(ref, ids, labels, packed=True)
-    batch = shard_inputs(input_ids=ids, labels=labels, position_ids=RESTARTING)
-    assert batch["cu_seq_lens_q"].tolist() == list(DOCUMENTS) and batch["cu_seq_lens_k"].dtype == torch.int32
-    assert (batch["labels"][:, [4, 15, 23]] == -100).all()  # no document's last token predicts the next one
-    assert torch.equal(shard_inputs(input_ids=ids, cu_seqlens=DOCUMENTS)["position_ids"], RESTARTING.unsqueeze(0))
-    got = prepare(copy.deepcopy(ref))(**batch)
-    assert relative_error(got.logits.detach(), want_logits.double()) <= TOL
-    assert abs(got.loss.item() / want_loss.item() - 1) <= TOL
+    model = prepare(copy.deepcopy(ref))
+    for packing in ("same-documents", "documents-per-row"):
+        rows, how = PACKINGS[packing]
+        want_logits, want_loss = one_process(ref, ids, labels, rows)
+        batch = shard_inputs(input_ids=ids, labels=labels, **how)
+        got = model(**batch)
+        assert relative_error(got.logits.detach(), want_logits.double()) <= TOL
+        assert abs(got.loss.item() / want_loss.item() - 1) <= TOL
+    assert batch["cu_seq_lens_q"].tolist() == [list(DOCUMENTS), [0, 9, 24, 24]]  # a short row padded
+    assert batch["cu_seq_lens_k"].dtype == torch.int32
+    assert (batch["labels"][0, [4, 15, 23]] == -100).all() and batch["labels"][0, 7] != -100
+    assert (batch["labels"][1, [8, 23]] == -100).all()  # no document's last token predicts the next one
+    same = shard_inputs(input_ids=ids, cu_seqlens=DOCUMENTS)
+    assert same["cu_seq_lens_q"].tolist() == list(DOCUMENTS)
+    assert torch.equal(same["position_ids"], restarting(DOCUMENTS).unsqueeze(0))
     assert "cu_seq_lens_q" not in shard_inputs(input_ids=ids, position_ids=torch.arange(SEQ) + 7)  # one document
 
 
@@ -245,12 +270,11 @@ def test_world_of_one_serves_packed_documents():
         (dict(input_ids=torch.zeros(SEQ, dtype=torch.long)), "must be 2-D (batch, seq)"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), labels=torch.zeros(2, SEQ - 1, dtype=torch.long)),
          "labels must have the shape of input_ids"),
-        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long),
-              position_ids=torch.stack([torch.arange(SEQ), torch.arange(SEQ).remainder(8)])),
-         "restart (packed documents start) at different tokens in different rows"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), position_ids=torch.arange(SEQ).remainder(8),
               cu_seqlens=[0, 16, SEQ]),
-         "position_ids restart at token 8, inside a document of cu_seqlens"),
+         "position_ids restart at token 8 of row 0, inside a document of cu_seqlens"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), cu_seqlens=[[0, SEQ]] * 3),
+         "cu_seqlens has offsets for 3 rows, but the batch has 2"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), cu_seqlens=[0, 16, SEQ + 2]), "cu_seqlens end at 26"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), cu_seqlens=[0, 16, 8, SEQ]), "never decrease"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), position_ids=torch.arange(SEQ - 1)),

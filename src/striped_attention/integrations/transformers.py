@@ -60,7 +60,7 @@ if Version(transformers.__version__) < Version("4.57"):  # pragma: no cover - de
         f"masks built per attention implementation); found {transformers.__version__}: {_INSTALL}"
     )
 
-from ..layouts import Layout, _group_rank_size, _offsets, get_layout, positions, shard
+from ..layouts import Layout, _group_rank_size, _offsets, _rows_of_offsets, get_layout, positions, shard
 from ..ring import ring_attention
 
 __all__ = ["prepare", "shard_inputs", "IGNORE_INDEX"]
@@ -153,29 +153,30 @@ def shard_inputs(
         labels: (batch, seq) integer targets *unshifted*, as one would pass to ``model(labels=...)``;
             -100 marks tokens without a loss. Optional.
         position_ids: (seq,), (1, seq) or (batch, seq) global positions. Each run that counts up by one is a
-            document; every row must start its documents at the same tokens. Defaults to ``0 .. seq-1`` (one
-            document), or to positions restarting at 0 in each document of ``cu_seqlens``.
+            document; rows may hold different documents. Defaults to ``0 .. seq-1`` (one document), or to
+            positions restarting at 0 in each document of ``cu_seqlens``.
         cu_seqlens: packed documents as offsets ``[0, len_0, len_0 + len_1, ..., seq]`` (flash-attn's
-            convention), the same for every row; position ids, if given, may restart only where a document
-            starts. Optional: restarting position ids say the same.
+            convention): one list for every row, or one per row; position ids, if given, may restart only
+            where a document starts. Optional: restarting position ids say the same.
         layout: as given to :func:`prepare`.
         group: as given to :func:`prepare`.
 
     Returns:
         ``{"input_ids": (batch, local_seq), "position_ids": (batch or 1, local_seq), "labels": (batch,
         local_seq)}`` (labels only if given), ``local_seq = seq / world_size``, on ``input_ids``' device; with
-        more than one document also ``"cu_seq_lens_q"`` and ``"cu_seq_lens_k"``: the global offsets, int32.
+        more than one document also ``"cu_seq_lens_q"`` and ``"cu_seq_lens_k"``: the global offsets, int32,
+        1-D if every row holds the same documents, else (batch, most offsets), a short row padded with ``seq``.
 
     Raises:
-        ValueError: on bad shapes or dtypes, a length the layout cannot split, rows whose documents start at
-            different tokens, or position ids that restart inside a document of ``cu_seqlens``.
+        ValueError: on bad shapes or dtypes, a length the layout cannot split, or position ids that restart
+            inside a document of ``cu_seqlens``.
     """
     lay = get_layout(layout)
     _check_ids("input_ids", input_ids, None)
     batch, seq = input_ids.shape
     rank, size = _group_rank_size(group)
     lay.check(seq, size)
-    position_ids, starts = _positions_and_documents(position_ids, cu_seqlens, batch, seq)
+    position_ids, documents = _positions_and_documents(position_ids, cu_seqlens, batch, seq)
     out = {
         "input_ids": shard(input_ids, layout=lay, dim=1, group=group),
         "position_ids": shard(position_ids.to(input_ids.device), layout=lay, dim=1, group=group),
@@ -183,11 +184,11 @@ def shard_inputs(
     if labels is not None:
         _check_ids("labels", labels, input_ids.shape)
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        shifted[:, [s - 1 for s in starts[1:-1]]] = IGNORE_INDEX  # a document's last token has no next one
+        for b, row in enumerate(documents):  # a document's last token has no next one
+            shifted[slice(None) if len(documents) == 1 else b, [start - 1 for start in row[1:-1]]] = IGNORE_INDEX
         out["labels"] = shard(shifted.to(input_ids.device), layout=lay, dim=1, group=group)
-    if len(starts) > 2:
-        offsets = torch.tensor(starts, dtype=torch.int32, device=input_ids.device)
-        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = offsets
+    if any(len(row) > 2 for row in documents):
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = _offsets_tensor(documents, seq, input_ids.device)
     return out
 
 
@@ -359,18 +360,20 @@ class _Setup:
         pos = arguments.get("position_ids")
         if pos is None:
             return "no_positions", None
-        seq = tokens.shape[1] * size
+        batch, seq = tokens.shape[0], tokens.shape[1] * size
         try:
-            bounds = [0, seq] if documents is None else list(_offsets(documents))
+            rows = [(0, seq)] if documents is None else _rows_of_offsets(documents) or [_offsets(documents)]
         except ValueError:
             return "documents", None
-        if bounds[-1] != seq:
+        if len(rows) not in (1, batch) or any(row[-1] != seq for row in rows):
             return "documents", None
-        want = positions(seq, layout=self.layout, rank=rank, world_size=size).to(pos.device)
-        diff = pos.reshape(-1, want.numel()).expand(tokens.shape[0], -1) - want
-        doc = (torch.searchsorted(torch.tensor(bounds), want.cpu(), right=True) - 1).to(pos.device)
-        doc = doc.expand_as(diff)
-        grid = (diff.shape[0], len(bounds) - 1)
+        width = max(map(len, rows))
+        rows = [list(row) + [seq] * (width - len(row)) for row in rows]  # empty documents after the last
+        want = positions(seq, layout=self.layout, rank=rank, world_size=size)
+        doc = torch.searchsorted(torch.tensor(rows), want.expand(len(rows), -1).contiguous(), right=True) - 1
+        want, doc = want.to(pos.device), doc.to(pos.device).expand(batch, -1)  # (batch, local): document index
+        diff = pos.reshape(-1, want.numel()).expand(batch, -1) - want
+        grid = (batch, width - 1)
         low = torch.full(grid, NO_TOKEN, device=pos.device).scatter_reduce(1, doc, diff, "amin")
         high = torch.full(grid, -NO_TOKEN, device=pos.device).scatter_reduce(1, doc, diff, "amax")
         if not bool((low.gather(1, doc) == high.gather(1, doc)).all()):
@@ -449,17 +452,24 @@ def _check_ids(name: str, t, shape) -> None:
         raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _positions_and_documents(position_ids, cu_seqlens, batch: int, seq: int) -> tuple[torch.Tensor, list[int]]:
-    """(position ids (1 or batch, seq), document offsets [0, ..., seq]) from what the caller gave, checked:
-    the documents are cu_seqlens or else the runs of position ids that count up by one."""
-    documents = None if cu_seqlens is None else list(_offsets(cu_seqlens))
-    if documents is not None and documents[-1] != seq:
-        raise ValueError(f"cu_seqlens end at {documents[-1]}, but the sequences have {seq} tokens")
+def _positions_and_documents(position_ids, cu_seqlens, batch: int, seq: int):
+    """(position ids (1 or batch, seq), documents: a list of offsets [0, ..., seq] for every row, or one per
+    row) from what the caller gave, checked: the documents are cu_seqlens, or else the runs of position ids
+    that count up by one."""
+    given = None
+    if cu_seqlens is not None:
+        per_row = _rows_of_offsets(cu_seqlens)
+        given = [list(r) for r in per_row] if per_row is not None else [list(_offsets(cu_seqlens))]
+        if len(given) not in (1, batch):
+            raise ValueError(f"cu_seqlens has offsets for {len(given)} rows, but the batch has {batch}")
+        if any(row[-1] != seq for row in given):
+            raise ValueError(f"cu_seqlens end at {[row[-1] for row in given if row[-1] != seq][0]}, but the "
+                             f"sequences have {seq} tokens")
     if position_ids is None:
-        if documents is None:
-            return torch.arange(seq).unsqueeze(0), [0, seq]
-        starts = torch.tensor(documents[:-1]).repeat_interleave(torch.tensor(documents).diff())
-        return (torch.arange(seq) - starts).unsqueeze(0), documents
+        if given is None:
+            return torch.arange(seq).unsqueeze(0), [[0, seq]]
+        starts = [torch.tensor(row[:-1]).repeat_interleave(torch.tensor(row).diff()) for row in given]
+        return torch.arange(seq) - torch.stack(starts), given  # restarting at 0 in each document
     if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
         raise ValueError("position_ids must be an integer torch.Tensor")
     pos = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
@@ -468,18 +478,23 @@ def _positions_and_documents(position_ids, cu_seqlens, batch: int, seq: int) -> 
             f"position_ids must have shape ({seq},), (1, {seq}) or ({batch}, {seq}), got {tuple(position_ids.shape)}"
         )
     restarts = pos.diff(dim=1) != 1  # (rows, seq - 1): token t + 1 starts a document
-    if not bool((restarts == restarts[:1]).all()):
-        raise ValueError(
-            "position_ids restart (packed documents start) at different tokens in different rows; the ring needs "
-            "the same documents in every row: pack each row alike, or pass the rows in separate batches"
-        )
-    found = [0, *(restarts[0].nonzero().flatten() + 1).tolist(), seq]
-    if documents is None:
-        return pos, found
-    inside = sorted(set(found) - set(documents))
-    if inside:
-        raise ValueError(
-            f"position_ids restart at token {inside[0]}, inside a document of cu_seqlens; they must count up by "
-            "one within each document"
-        )
-    return pos, documents
+    found = [[0, *(row.nonzero().flatten() + 1).tolist(), seq] for row in restarts]
+    if given is None:
+        return pos, found if any(row != found[0] for row in found) else found[:1]
+    for b in range(max(len(found), len(given))):
+        inside = sorted(set(found[b % len(found)]) - set(given[b % len(given)]))
+        if inside:
+            raise ValueError(
+                f"position_ids restart at token {inside[0]} of row {b}, inside a document of cu_seqlens; they must "
+                "count up by one within each document"
+            )
+    return pos, given
+
+
+def _offsets_tensor(documents: list[list[int]], seq: int, device) -> torch.Tensor:
+    """One list of offsets as a 1-D int32 tensor; one per row as (batch, most offsets), each row padded with
+    ``seq`` (empty documents at the end)."""
+    if len(documents) == 1:
+        return torch.tensor(documents[0], dtype=torch.int32, device=device)
+    width = max(map(len, documents))
+    return torch.tensor([row + [seq] * (width - len(row)) for row in documents], dtype=torch.int32, device=device)
