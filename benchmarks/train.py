@@ -12,6 +12,11 @@ the long-context regime the paper measured, at a size that one CPU core per rank
 
     python benchmarks/train.py                          # 2 ranks, 16,384 tokens, 3 rounds after 1 warm-up
     python benchmarks/train.py --seq-len 2048 --repeats 1 --warmup 0     # a quick check
+    python benchmarks/train.py --documents 8          # the sequence cut into 8 packed documents
+
+With ``--documents N`` the sequence is cut at N - 1 random points (drawn with ``--seed``, as ``bench
+--documents`` draws them) into packed documents, each attending only within itself; ``plan``'s prediction
+is for one causal sequence, so it is left out then.
 """
 
 from __future__ import annotations
@@ -24,20 +29,23 @@ import sys
 import torch
 
 from striped_attention import train as T
-from striped_attention.bench import Progress, timed_ms
+from striped_attention.bench import Progress, random_documents, timed_ms
 from striped_attention.launch import init_distributed, launch, under_torchrun
 from striped_attention.layouts import LAYOUTS
 from striped_attention.models import PRESETS, get_config
 from striped_attention.plan import max_training_speedup
 
 
-def measure(cfg: T.TrainConfig, layouts: tuple[str, ...], warmup: int, repeats: int, show_progress: bool) -> dict:
-    """On every rank: {layout: [step ms, ...]} over ``repeats`` interleaved rounds after ``warmup`` rounds."""
+def measure(cfg: T.TrainConfig, layouts: tuple[str, ...], warmup: int, repeats: int, show_progress: bool,
+            cu_seqlens: list[int] | None = None) -> dict:
+    """On every rank: {layout: [step ms, ...]} over ``repeats`` interleaved rounds after ``warmup`` rounds;
+    ``cu_seqlens``: packed documents, the same in every row."""
     device = torch.device(cfg.device)
     par = T.Parallel.build(cfg.dp, device)
     model, optimizer = T.build_model_and_optimizer(cfg, device)
     ids, labels = T.training_batch(T.load_corpus(cfg.data, val_percent=cfg.val_percent), 1, cfg)
-    batches = {name: T.local_batch(ids.to(device), labels.to(device), layout=name, par=par) for name in layouts}
+    batches = {name: (*T.local_batch(ids.to(device), labels.to(device), layout=name, par=par)[:3], cu_seqlens)
+               for name in layouts}
     lead = par.cp_rank == 0 and par.dp_rank == 0
     progress = Progress("train bench") if show_progress and lead else None
     times = {name: [] for name in layouts}
@@ -69,11 +77,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds (one step of every layout each) first")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median step time is reported")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: gloo ranks; cuda: one GPU per rank")
+    p.add_argument("--documents", type=int, default=1,
+                   help="cut the sequence into N packed documents at random points (default 1: one sequence)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document cuts (default 0)")
     p.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
     args = p.parse_args(argv)
     layouts = tuple(args.layouts.split(","))
     if args.repeats < 1 or args.warmup < 0:
         p.error(f"need --repeats >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if not 1 <= args.documents <= args.seq_len:
+        p.error(f"--documents must be from 1 to --seq-len ({args.seq_len}), got {args.documents}")
     for name in layouts:
         if name not in LAYOUTS:
             p.error(f"unknown layout {name!r} in --layouts; choose from {sorted(LAYOUTS)}")
@@ -86,13 +99,16 @@ def main(argv=None) -> int:
     model = get_config(cfg.model)
     flops = model.training_flops_per_token(cfg.seq_len)
     share = flops["attention"] / sum(flops.values())
+    cu_seqlens = random_documents(cfg.seq_len, args.documents, args.seed)
+    packed = f" in {args.documents} documents {cu_seqlens}" if cu_seqlens else ""
     print(
         f"{cfg.model} model ({model.num_params() / 1e6:.1f}M parameters, attention {share:.0%} of training FLOPs), "
-        f"{cfg.batch} x {cfg.seq_len} tokens per step over {cfg.world_size} {cfg.device} rank(s), "
+        f"{cfg.batch} x {cfg.seq_len} tokens{packed} per step over {cfg.world_size} {cfg.device} rank(s), "
         f"{cfg.dtype}; median of {args.repeats} interleaved rounds after {args.warmup} warm-up",
         file=sys.stderr, flush=True,
     )
-    run_args, threads = (cfg, layouts, args.warmup, args.repeats, True), 1 if cfg.device == "cpu" else None
+    run_args = (cfg, layouts, args.warmup, args.repeats, True, cu_seqlens)
+    threads = 1 if cfg.device == "cpu" else None
     if under_torchrun():
         init_distributed(cfg.device, threads=threads)
         times = measure(*run_args)
@@ -107,16 +123,17 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|")
     shape = dict(d_model=model.d_model, d_ff=model.d_ff, seq_len=cfg.seq_len, sp_degree=cfg.cp)
     for name in layouts:
-        predicted = max_training_speedup(name, **shape) / max_training_speedup(reference, **shape)
+        predicted = None if cu_seqlens else max_training_speedup(name, **shape) / max_training_speedup(reference, **shape)
         row = {"layout": name, "median_s": median[name] / 1e3, "tokens_per_s": tokens / (median[name] / 1e3),
                "speedup": median[reference] / median[name], "plan_speedup": predicted, "times_ms": times[name]}
         rows.append(row)
         print(f"| {name} | {row['median_s']:.2f} | {row['tokens_per_s']:,.0f} | {row['speedup']:.2f}x "
-              f"| {predicted:.2f}x |")
+              f"| {'-' if predicted is None else f'{predicted:.2f}x'} |")
     if args.json:
         with open(args.json, "w") as f:
             setting = {k: getattr(cfg, k) for k in ("model", "seq_len", "batch", "world_size", "dtype", "device")}
-            json.dump({**setting, "warmup": args.warmup, "repeats": args.repeats, "results": rows}, f, indent=2)
+            json.dump({**setting, "cu_seqlens": cu_seqlens, "warmup": args.warmup, "repeats": args.repeats,
+                       "results": rows}, f, indent=2)
     return 0
 
 

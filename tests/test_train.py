@@ -155,11 +155,59 @@ def test_labels_are_next_tokens_taken_before_sharding():
         got_ids, got_labels = torch.zeros_like(ids), torch.zeros_like(labels)
         for rank in range(2):
             par = T.Parallel(dp=1, cp=2, cp_rank=rank)
-            i, lab, pos = T.local_batch(ids, labels, layout=layout, par=par)
-            assert i.shape == (2, 8) and pos.shape == (8,)
+            i, lab, pos, cu_seqlens = T.local_batch(ids, labels, layout=layout, par=par)
+            assert i.shape == (2, 8) and pos.shape == (8,) and cu_seqlens is None
             assert torch.equal(lab, i + 1)  # every local token keeps its label, also at shard edges
             got_ids[:, pos], got_labels[:, pos] = i, lab
         assert torch.equal(got_ids, ids) and torch.equal(got_labels, labels)
+
+
+def test_files_in_a_window_are_its_documents():
+    ids = torch.tensor([[5, 0, 7, 7, 0, 0, 1, 0], [1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 1, 1, 1, 1, 1, 1]])
+    assert T.file_offsets(ids) == [[0, 2, 5, 6, 8], [0, 8], [0, 1, 8]]  # a file ends with its 0 byte
+    par = T.Parallel(dp=3, cp=2, dp_rank=2, cp_rank=1)
+    assert T.local_batch(ids, ids, layout="striped", par=par, documents=True)[3] == [[0, 1, 8]]  # this replica's row
+
+
+def _small_files(directory) -> str:
+    """A corpus of 60 files of 60 to 250 bytes (pieces of the email package), so windows hold several."""
+    sources = sorted((T.stdlib_dir() / "email").glob("*.py"))
+    for i in range(60):
+        text = sources[i % len(sources)].read_bytes()
+        (directory / f"piece_{i:02d}.py").write_bytes(text[i * 50: i * 50 + 60 + (i * 37) % 190])
+    return str(directory)
+
+
+def test_documents_attend_within_each_file():
+    """With documents the model's logits equal those of each file run on its own (RoPE depends only on the
+    distance inside a file), and differ from attention over the whole window."""
+    ids = torch.tensor([list(b"def f(x):\n  return x\n\0class A: pass\n\0import os\n")])
+    torch.manual_seed(0)
+    model = T.Llama(T.get_config("tiny"))
+    pos = torch.arange(ids.shape[1])
+    cu_seqlens = T.file_offsets(ids)
+    assert len(cu_seqlens[0]) == 4
+    with torch.no_grad():
+        packed = model(ids, pos, cu_seqlens=cu_seqlens)
+        alone = torch.cat([model(ids[:, a:b], torch.arange(b - a)) for a, b in zip(cu_seqlens[0], cu_seqlens[0][1:])], 1)
+        whole = model(ids, pos)
+    assert relative(packed, alone) < 1e-6 and relative(whole, alone) > 1e-3
+
+
+def run_documents(data: str) -> list[dict]:
+    cfg = replace(BASE, world_size=2, data=data, documents=True, seq_len=512, steps=4, eval_every=2)
+    return T.train_on_rank(cfg, T.Parallel.build(1, torch.device("cpu")))
+
+
+def test_two_ranks_reproduce_the_one_rank_curve_with_documents(tmp_path):
+    data = _small_files(tmp_path)
+    ids, _ = T.training_batch(T.load_corpus(data, val_percent=20), 1, replace(BASE, data=data, seq_len=512))
+    assert min(len(row) for row in T.file_offsets(ids)) > 3  # every row packs several files
+    want = T.train_on_rank(replace(BASE, data=data, documents=True, seq_len=512, steps=4, eval_every=2))
+    plain = T.train_on_rank(replace(BASE, data=data, seq_len=512, steps=4, eval_every=2))
+    assert abs(want[-1]["loss"] / plain[-1]["loss"] - 1) > 1e-3  # the documents change what is learned
+    for records in run_ranks(run_documents, 2, data):
+        assert_same_curve(records, tuple(want))
 
 
 def test_data_parallel_ranks_take_their_rows():

@@ -4,7 +4,8 @@ The recipe, one step:
 
 1. Data: the global batch is ``batch`` windows of ``seq_len + 1`` bytes from the corpus (the Python standard
    library's source files, byte-level tokens). Token ids are ``window[:-1]`` and next-token labels
-   ``window[1:]``, both taken *before* sharding, so no label is lost at a shard edge.
+   ``window[1:]``, both taken *before* sharding, so no label is lost at a shard edge. With ``documents``
+   each file in a window is a packed document: its tokens attend only within it (``cu_seqlens`` per row).
 2. Sharding, once per step: rows are split over the data-parallel (dp) ranks, and each row's tokens, labels
    and global positions are sharded along the sequence with the layout over the context-parallel (cp)
    ranks. The model never permutes again: RoPE reads the global positions and attention runs on the ring.
@@ -45,7 +46,7 @@ from .models.llama import PRESETS, Llama, get_config
 
 __all__ = [
     "TrainConfig", "Parallel", "Corpus", "load_corpus", "batch_indices", "sequence_batch", "training_batch",
-    "local_batch",
+    "file_offsets", "local_batch",
     "learning_rate", "train_step", "evaluate", "save_checkpoint", "load_checkpoint", "resumable_state",
     "train_on_rank", "run",
 ]
@@ -55,7 +56,7 @@ CHECKPOINT = "checkpoint.pt"
 # the fields a resumed run must share with its checkpoint: together they fix the loss curve
 CURVE_FIELDS = (
     "model", "seq_len", "batch", "steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
-    "seed", "dtype", "data", "val_percent",
+    "seed", "dtype", "data", "val_percent", "documents",
 )
 
 
@@ -81,6 +82,7 @@ class TrainConfig:
     eval_batches: int = 2  # batches of validation sequences per validation loss
     data: str | None = None  # directory of *.py files; None: the Python standard library
     val_percent: float = 5.0  # share of the corpus files held out for validation
+    documents: bool = False  # attend within each file only: a window's files are packed documents
     log_json: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50  # steps between checkpoints (and one after the last step)
@@ -244,16 +246,24 @@ def training_batch(corpus: Corpus, step: int, cfg: TrainConfig) -> tuple[torch.T
     return sequence_batch(corpus.train, indices, cfg.seq_len)
 
 
-def local_batch(ids: torch.Tensor, labels: torch.Tensor, *, layout: str, par: Parallel):
-    """This rank's (ids, labels, positions) from the global batch (batch, seq_len).
+def file_offsets(ids: torch.Tensor) -> list[list[int]]:
+    """Each row's files as packed documents: offsets [0, ..., seq_len] (ring_attention's cu_seqlens), a file
+    starting after each 0 byte (the end of the one before)."""
+    return [[0, *((row[:-1] == 0).nonzero().flatten() + 1).tolist(), row.numel()] for row in ids.cpu()]
+
+
+def local_batch(ids: torch.Tensor, labels: torch.Tensor, *, layout: str, par: Parallel, documents: bool = False):
+    """This rank's (ids, labels, positions, cu_seqlens) from the global batch (batch, seq_len).
 
     Rows: this dp replica's batch/dp. Columns: the layout's positions for this cp rank, so ids and labels
-    are (batch/dp, seq_len/cp) and positions (seq_len/cp,) are the global positions, for RoPE.
+    are (batch/dp, seq_len/cp) and positions (seq_len/cp,) are the global positions, for RoPE. cu_seqlens:
+    with ``documents``, each row's files (:func:`file_offsets`), else None.
     """
     rows = ids.shape[0] // par.dp
     mine = slice(par.dp_rank * rows, (par.dp_rank + 1) * rows)
     pos = positions(ids.shape[1], layout=layout, rank=par.cp_rank, world_size=par.cp).to(ids.device)
-    return ids[mine][:, pos], labels[mine][:, pos], pos
+    cu_seqlens = file_offsets(ids[mine]) if documents else None
+    return ids[mine][:, pos], labels[mine][:, pos], pos, cu_seqlens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,10 +281,10 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def local_loss(model, batch, *, layout: str, par: Parallel, dtype: str) -> torch.Tensor:
-    """Mean cross-entropy (float32 scalar) over this rank's tokens; ``batch`` is local_batch's triple."""
-    ids, labels, pos = batch
+    """Mean cross-entropy (float32 scalar) over this rank's tokens; ``batch`` is local_batch's."""
+    ids, labels, pos, cu_seqlens = batch
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        logits = model(ids, pos, layout=layout, group=par.cp_group)
+        logits = model(ids, pos, layout=layout, group=par.cp_group, cu_seqlens=cu_seqlens)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
@@ -300,7 +310,7 @@ def evaluate(model, corpus: Corpus, cfg: TrainConfig, par: Parallel, device: tor
     losses = []
     for chunk in indices.split(cfg.batch):
         ids, labels = sequence_batch(corpus.val, chunk, cfg.seq_len)
-        batch = local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par)
+        batch = local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par, documents=cfg.documents)
         losses.append(local_loss(model, batch, layout=cfg.layout, par=par, dtype=cfg.dtype))
     mean = torch.stack(losses).mean().view(1)
     par.average_([mean])
@@ -443,7 +453,7 @@ def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
         for step in range(done + 1, cfg.steps + 1):
             start = time.perf_counter()
             ids, labels = training_batch(corpus, step, cfg)
-            batch = local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par)
+            batch = local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par, documents=cfg.documents)
             lr = learning_rate(step, cfg)
             loss, norm = train_step(
                 model, optimizer, batch, layout=cfg.layout, par=par, lr=lr, grad_clip=cfg.grad_clip, dtype=cfg.dtype
@@ -536,6 +546,9 @@ def add_parser(subparsers) -> None:
     add("--eval-batches", type=int, default=d.eval_batches, help="batches of validation sequences per validation loss")
     add("--data", metavar="DIR", help="directory whose *.py files form the corpus (default: the standard library)")
     add("--val-percent", type=float, default=d.val_percent, help="percent of the corpus files held out for validation")
+    add("--documents", action="store_true",
+        help="attend within each file only: the files in a sequence are packed documents (ring_attention's "
+             "cu_seqlens, one list per row); every token keeps its next-byte target")
     add("--log-json", metavar="PATH", help="write one JSON object per step (step, loss, tokens_per_s, ...) to PATH")
     add("--checkpoint-dir", metavar="DIR", help="save DIR/checkpoint.pt every --checkpoint-every steps and at the end")
     add("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
@@ -562,7 +575,7 @@ def main(args) -> int:
             print(
                 f"training {cfg.model} ({get_config(cfg.model).num_params() / 1e6:.1f}M parameters) on {cfg.batch} x "
                 f"{cfg.seq_len} tokens per step, {cfg.world_size} rank(s) = dp {cfg.dp} x cp {cfg.cp}, layout "
-                f"{cfg.layout}, {cfg.dtype}, steps {cfg.steps}",
+                f"{cfg.layout}, {cfg.dtype}, steps {cfg.steps}{', files as packed documents' if cfg.documents else ''}",
                 flush=True,
             )
         records = run(cfg)

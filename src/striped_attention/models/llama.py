@@ -158,14 +158,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, layout, group):
+    def forward(self, x, cos, sin, layout, group, cu_seqlens=None):
         """x (batch, local_seq, d_model) -> (batch, local_seq, d_model)."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = ring_attention(q, k, v, layout=layout, group=group, causal=True)
+        y = ring_attention(q, k, v, layout=layout, group=group, causal=True, cu_seqlens=cu_seqlens)
         return self.wo(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
@@ -192,8 +192,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layout, group):
-        x = x + self.attention(self.attention_norm(x), cos, sin, layout, group)
+    def forward(self, x, cos, sin, layout, group, cu_seqlens=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, layout, group, cu_seqlens)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -230,6 +230,7 @@ class Llama(nn.Module):
         *,
         layout: str | Layout = "striped",
         group: dist.ProcessGroup | None = None,
+        cu_seqlens=None,
     ) -> torch.Tensor:
         """Logits (batch, local_seq, vocab_size) for this rank's tokens.
 
@@ -239,6 +240,8 @@ class Llama(nn.Module):
             layout: the layout the sequence was sharded with.
             group: the context-parallel group (None: the default group, or one process when
                 torch.distributed is not initialized).
+            cu_seqlens: packed documents, as :func:`striped_attention.ring_attention` takes them (global
+                offsets, one list for every row or one per row); None: each row is one sequence.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, local_seq), got shape {tuple(tokens.shape)}")
@@ -250,5 +253,5 @@ class Llama(nn.Module):
         cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_base)
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, layout, group)
+            x = layer(x, cos, sin, layout, group, cu_seqlens)
         return self.head(self.norm(x))
