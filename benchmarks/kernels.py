@@ -93,14 +93,6 @@ def main(argv=None) -> None:
         pairs = {name: Block(*spec).pairs() for name, spec in pieces.items()}
         calls = {name: min(1000, -(-pairs["full"] // (16 * pairs[name]))) for name in pieces}  # small: many calls
 
-        def forward(qs, ks, causal):
-            kernels.attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale,
-                                      backend=backend)
-
-        def backward(qs, ks, causal):
-            kernels.attention_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
-                                       lse[:, :, qs], causal=causal, scale=scale, backend=backend)
-
         if args.triangles:  # small pieces as the ring calls them: folded into sums and gradients in place
             sums, grads = kernels.no_keys_seen(q), [torch.zeros_like(t, dtype=out.dtype) for t in (q, k, v)]
 
@@ -112,6 +104,14 @@ def main(argv=None) -> None:
                 kernels.attention_backward_(grads[0][:, :, qs], grads[1][:, :, ks], grads[2][:, :, ks],
                                             dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
                                             lse[:, :, qs], causal=causal, scale=scale, backend=backend)
+        else:
+            def forward(qs, ks, causal):
+                kernels.attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale,
+                                          backend=backend)
+
+            def backward(qs, ks, causal):
+                kernels.attention_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                           lse[:, :, qs], causal=causal, scale=scale, backend=backend)
 
         for name, fn in (("fwd", forward), ("bwd", backward)):
             times = {piece: [] for piece in pieces}
