@@ -126,8 +126,9 @@ def test_simulated_ranks_on_cuda(dtype):
 
 
 DOCUMENTS = (0, 7, 100, 101, 250, 384)  # packed documents: causal pieces of unequal sides on the GPU kernels
+PER_ROW = (DOCUMENTS, (0, 200, 384))  # each of the 2 rows its own documents
 SHARED_GPU_CASES = [(name, causal, dtype, docs) for name in sorted(LAYOUTS) for causal in (True, False)
-                    for dtype in ("float32", "bfloat16") for docs in (None, DOCUMENTS)]
+                    for dtype in ("float32", "bfloat16") for docs in (None, DOCUMENTS, PER_ROW)]
 
 
 def run_on_shared_gpu():
