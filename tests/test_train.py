@@ -189,7 +189,8 @@ def test_documents_attend_within_each_file():
     assert len(cu_seqlens[0]) == 4
     with torch.no_grad():
         packed = model(ids, pos, cu_seqlens=cu_seqlens)
-        alone = torch.cat([model(ids[:, a:b], torch.arange(b - a)) for a, b in zip(cu_seqlens[0], cu_seqlens[0][1:])], 1)
+        files = zip(cu_seqlens[0], cu_seqlens[0][1:])
+        alone = torch.cat([model(ids[:, a:b], torch.arange(b - a)) for a, b in files], 1)
         whole = model(ids, pos)
     assert relative(packed, alone) < 1e-6 and relative(whole, alone) > 1e-3
 

@@ -134,8 +134,8 @@ def bad_calls(rank: int) -> dict:
     dropout = prepare(tiny_model("llama", attention_dropout=0.1)).train()
     packed = shard_inputs(input_ids=ids, labels=labels, position_ids=restarting(DOCUMENTS), layout="striped")
     other_documents = shard_inputs(input_ids=ids, cu_seqlens=[0, 5 + rank, 16, SEQ], layout="striped")
-    shifted_document = shard_inputs(input_ids=ids, position_ids=restarting(DOCUMENTS) + 10 * rank * (torch.arange(SEQ) >= 16),
-                                    cu_seqlens=DOCUMENTS, layout="striped")
+    moved = restarting(DOCUMENTS) + 10 * rank * (torch.arange(SEQ) >= 16)  # the last document, on one rank
+    shifted_document = shard_inputs(input_ids=ids, position_ids=moved, cu_seqlens=DOCUMENTS, layout="striped")
     return {
         "documents-differ": lambda: model(**other_documents),
         "documents-keys-missing": lambda: model(**{k: v for k, v in packed.items() if k != "cu_seq_lens_k"}),
@@ -312,7 +312,8 @@ def test_finetune_example_under_torchrun():
 def test_finetune_example_packs_documents_as_transformers_does():
     """--documents 3: the ring on 2 ranks reproduces plain transformers' losses on the packed batches (its
     sdpa masks packed documents from restarting position ids)."""
-    example = [str(ROOT / "examples" / "finetune_transformers.py"), "--steps", "3", "--seq-len", "64", "--documents", "3"]
+    example = [str(ROOT / "examples" / "finetune_transformers.py"), "--steps", "3", "--seq-len", "64",
+               "--documents", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [[sys.executable, *example, "--plain"],
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *example]]

@@ -360,7 +360,7 @@ def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
         for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
             piece = (blk.queries(q), blk.keys(kv[0]), blk.keys(kv[1]))
             if out is None:
-                if blk.q == every_query and blk.rows == EVERY_ROW:  # the first piece, over every query, starts the sums
+                if blk.q == every_query and blk.rows == EVERY_ROW:  # a first piece over all starts the sums
                     out, lse = kernels.first_sums(*piece, causal=blk.causal, scale=scale, backend=backend)
                     continue
                 out, lse = kernels.no_keys_seen(q)
