@@ -46,6 +46,7 @@ def _cases(world):
     if world == 2:  # different documents in each row, not causal, and with every row alike given per row
         cases += [Case(name, False, cu_seqlens=DOCUMENTS_PER_ROW) for name in sorted(LAYOUTS)]
         cases += [Case("striped", True, cu_seqlens=(DOCUMENTS, DOCUMENTS))]
+        cases += [Case("zigzag", True, heads=6, kv_heads=3, head_groups=2, cu_seqlens=DOCUMENTS_PER_ROW)]
     if world == 2:  # documents in 16 bits, and on torch's kernels
         cases += [Case(name, True, dtype="bfloat16", cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS)]
         cases += [Case(name, True, backend="torch", cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS)]
