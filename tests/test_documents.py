@@ -103,6 +103,7 @@ BAD = {
     "3-D tensor": (torch.tensor([[[0, 8]]]), "1-D integer tensor"),
     "a row too many": ([[0, 8], [0, 8]], "cu_seqlens has offsets for 2 rows, but the batch has 1"),
     "a bad row": ([[0, 9, 8]], "must start at 0 and never decrease"),
+    "float rows": (torch.tensor([[0.0, 8.0]]), "must be an integer tensor"),
     "floats": ([0, 8.0], "must hold ints"),
     "a string": ("0,8", "a sequence of ints"),
 }

@@ -320,7 +320,11 @@ def _rows_of_offsets(cu_seqlens) -> tuple[tuple[int, ...], ...] | None:
     """One offsets tuple per row if ``cu_seqlens`` holds one list per row (a 2-D tensor, or a sequence of
     sequences or 1-D tensors), checked; None if it is one list of offsets."""
     if isinstance(cu_seqlens, torch.Tensor):
-        return tuple(_offsets(row) for row in cu_seqlens) if cu_seqlens.dim() == 2 else None
+        if cu_seqlens.dim() != 2:
+            return None
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex():
+            raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+        return tuple(_offsets(row) for row in cu_seqlens.tolist())  # one copy from the device, not one per row
     if isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)) and len(cu_seqlens):
         if isinstance(cu_seqlens[0], (Sequence, torch.Tensor)) and not isinstance(cu_seqlens[0], (str, bytes)):
             return tuple(_offsets(row) for row in cu_seqlens)
