@@ -9,7 +9,7 @@ Perfect balance is every rank computing 1/N of the (query, key) pairs. Two slowd
 ring's attention time, with compute time proportional to pairs:
 
 * steps: the sum over ring steps of the busiest rank's pairs, as if every step ended together (the model
-  of `simulate` and `plan`, and of the Striped Attention paper);
+  of `simulate` and `plan --documents`, and of the Striped Attention paper);
 * ranks: the busiest rank's pairs over all steps. No schedule beats it; the ring comes near it where ranks
   can run ahead of their neighbours, as in a forward pass on 2 ranks, whose one transfer leaves at once.
 """
@@ -20,15 +20,14 @@ import argparse
 import statistics
 
 from striped_attention.bench import random_documents
-from striped_attention.layouts import LAYOUTS, Documents
+from striped_attention.layouts import LAYOUTS
+from striped_attention.plan import document_step_pairs
 
 
 def slowdowns(layout: str, cu_seqlens: list[int], world: int) -> tuple[float, float]:
     """(steps, ranks): the sum over steps of the busiest rank's pairs, and the busiest rank's total, each over
     the pairs of perfect balance (all pairs / world)."""
-    lay, c = Documents(layout, cu_seqlens), cu_seqlens[-1] // world
-    steps = [[sum(b.pairs() for b in lay.blocks(r, (r - step) % world, c, world, True)) for r in range(world)]
-             for step in range(world)]
+    steps = document_step_pairs(layout, cu_seqlens, world)
     balanced = sum(map(sum, steps)) / world
     return sum(map(max, steps)) / balanced, max(map(sum, zip(*steps))) / balanced
 

@@ -14,6 +14,7 @@ import torch
 from ranks import document_mask, error_of, full_inputs, reference, relative_error, sharded_run
 from striped_attention import LAYOUTS, Block, Layout, ring_attention
 from striped_attention.layouts import Documents, DocumentsPerRow
+from striped_attention.plan import document_step_pairs
 
 
 def _random_documents(rng: random.Random, seq: int) -> list[int]:
@@ -61,13 +62,6 @@ def test_rows_with_their_own_documents_compute_their_own_pieces():
         assert len(blocks) == sum(len(Documents("striped", rows[b]).blocks(r, s, 8, 2, True)) for b in (0, 2, 3))
 
 
-def _pairs_per_step(name: str, cu_seqlens, world: int) -> list[list[int]]:
-    """[step][rank]: the (query, key) pairs each rank computes at each ring step."""
-    layout, c = Documents(name, cu_seqlens), cu_seqlens[-1] // world
-    return [[sum(b.pairs() for b in layout.blocks(r, (r - step) % world, c, world, True)) for r in range(world)]
-            for step in range(world)]
-
-
 def test_striped_keeps_ranks_balanced_whatever_the_documents():
     """The ring's time is the sum over steps of its slowest rank: striped stays within 1% of perfect balance."""
     rng = random.Random(1)
@@ -75,7 +69,7 @@ def test_striped_keeps_ranks_balanced_whatever_the_documents():
     cu_seqlens = [0, *sorted(rng.sample(range(1, seq), 11)), seq]
     slowdown = {}
     for name in LAYOUTS:
-        steps = _pairs_per_step(name, cu_seqlens, world)
+        steps = document_step_pairs(name, cu_seqlens, world)
         slowdown[name] = sum(max(s) for s in steps) / (sum(map(sum, steps)) / world)
     assert slowdown["striped"] < 1.01, slowdown
     assert min(slowdown["zigzag"], slowdown["contiguous"]) > 1.2, slowdown  # 1.93 and 1.34 here

@@ -10,8 +10,8 @@ import pytest
 from striped_attention import LAYOUTS, cli
 from striped_attention.models.llama import LlamaConfig
 from striped_attention.plan import (
-    HARDWARE, MODELS, attention_fraction, critical_pairs, critical_path_s, max_training_speedup, plan,
-    ring_transfers, step_pairs, theoretical_max_speedup,
+    HARDWARE, MODELS, attention_fraction, critical_pairs, critical_path_s, document_step_pairs, max_training_speedup,
+    plan, ring_transfers, step_pairs, theoretical_max_speedup,
 )
 from striped_attention.ring import source_rank
 
@@ -156,3 +156,57 @@ def test_plan_command_overrides_and_errors(capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", "--layouts", "diagonal"])
     assert "unknown layout" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed documents: exact counts in place of the closed forms
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_document_counts_cover_the_document_mask_and_one_document_is_the_closed_form(name):
+    for n, c in ((1, 6), (2, 4), (3, 10), (4, 6)):
+        one = document_step_pairs(name, [0, n * c], n)
+        assert one == [[step_pairs(name, rank=r, step=i, local_len=c, world_size=n) for r in range(n)]
+                       for i in range(n)]
+        cu = [0, 1, c // 2 + 1, c // 2 + 1, n * c - 2, n * c]  # an empty document among them
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        assert sum(map(sum, document_step_pairs(name, cu, n))) == sum(x * (x + 1) // 2 for x in lengths)
+
+
+def test_plan_with_documents():
+    one_document = plan(MODELS["1b"], HARDWARE["h100-nvlink"], seq_len=8192, sp_degree=4, cu_seqlens=[0, 8192])
+    closed_form = plan(MODELS["1b"], HARDWARE["h100-nvlink"], seq_len=8192, sp_degree=4)
+    for got, want in zip(one_document.steps, closed_form.steps, strict=True):  # exact counts, not long-block limits
+        assert (got.compute_s, got.critical_path_s) == (want.compute_s, want.critical_path_s)
+        assert got.speedup == pytest.approx(want.speedup, rel=1e-3) and abs(got.min_block / want.min_block - 1) < 1e-3
+    cu, seq = [0, 4800, 32000, 33600, 96000, 131072], 131072
+    p = plan(MODELS["1b"], HARDWARE["h100-nvlink"], seq_len=seq, sp_degree=4, cu_seqlens=cu)
+    fwd = {s.layout: s for s in p.steps if s.pass_ == "fwd"}
+    counts = {name: document_step_pairs(name, cu, 4) for name in LAYOUTS}
+    c = seq // 4
+    for name in LAYOUTS:  # the slowest device's pairs at each step, over the unmasked N c^2
+        assert p.attention_share[name] == pytest.approx(sum(map(max, counts[name])) / (4 * c * c))
+    assert p.attention_share["striped"] < 1.01 * sum(map(sum, counts["striped"])) / 4 / (4 * c * c)  # balanced
+    m = MODELS["1b"]
+    linear, attention = 3 * (8 * m.d_model**2 + 6 * m.d_model * m.d_ff), 3.5 * 4 * seq * m.d_model  # factor 1
+    cost = {name: linear + p.attention_share[name] * attention for name in LAYOUTS}
+    for name in LAYOUTS:
+        assert fwd[name].speedup == pytest.approx(cost["contiguous"] / cost[name])
+    assert fwd["striped"].speedup > 1.5 and fwd["zigzag"].speedup < 1.0  # documents unbalance zigzag here
+    assert all(s.hidden for s in p.steps)
+    assert fwd["striped"].critical_path_s < 0.5 * fwd["contiguous"].critical_path_s
+    with pytest.raises(ValueError, match="cu_seqlens end at 8000"):
+        plan(MODELS["1b"], HARDWARE["h100-nvlink"], seq_len=8192, sp_degree=4, cu_seqlens=[0, 8000])
+
+
+def test_plan_command_with_documents(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    assert cli.main(["plan", "--seq-len", "16384", "--sp-degree", "8", "--documents", "6", "--seed", "3",
+                     "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "16,384 tokens in 6 documents" in out and "attention alone, the slowest devices' pairs" in out
+    data = json.loads(path.read_text())
+    assert len(data["cu_seqlens"]) == 7 and set(data["attention_share"]) == set(LAYOUTS)
+    with pytest.raises(SystemExit, match="--documents must be from 1"):
+        cli.main(["plan", "--documents", "0"])

@@ -10,6 +10,10 @@ Assumptions (those of the Striped Attention paper): only matmul FLOPs count and 
 communication overlaps compute; per token and layer, the non-attention matmuls cost
 ``8*d_model**2 + 6*d_model*d_ff`` FLOPs forward, attention ``4*seq_len*d_model`` forward when unmasked;
 backward costs 2x forward for ordinary matmuls and 2.5x for attention (it recomputes the scores).
+
+With packed documents (``--documents N``: the sequence cut at N - 1 random points, as ``bench`` and
+``simulate`` cut it) the closed forms give way to exact counts: the pairs each device computes at each ring
+step, from the layout's pieces cut at the documents (:func:`document_step_pairs`).
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from .layouts import LAYOUTS, get_layout
+from .bench import random_documents
+from .layouts import LAYOUTS, Documents, get_layout
 from .models.llama import PRESETS, LlamaConfig
 from .ring import source_rank
 
 __all__ = [
     "Hardware", "MODELS", "HARDWARE", "theoretical_max_speedup", "max_training_speedup",
-    "attention_fraction", "step_pairs", "critical_pairs", "ring_transfers", "transfer_s", "critical_path_s", "plan",
-    "Plan", "StepCost", "Memory",
+    "attention_fraction", "step_pairs", "critical_pairs", "document_step_pairs", "ring_transfers", "transfer_s",
+    "critical_path_s", "plan", "Plan", "StepCost", "Memory",
 ]
 
 BACKWARD_FACTOR = {"fwd": 1.0, "bwd": 2.5}  # attention FLOPs relative to its forward pass
@@ -106,6 +111,16 @@ def critical_pairs(layout: str, *, step: int, local_len: int, world_size: int) -
     return c * c if layout == "contiguous" else c * c // 2
 
 
+def document_step_pairs(layout: str, cu_seqlens, world_size: int) -> list[list[int]]:
+    """[step][rank]: the (query, key) pairs each rank computes at each ring step, exactly, when a causal
+    sequence packs the documents of ``cu_seqlens`` (ring_attention's offsets)."""
+    documents = Documents(layout, cu_seqlens)
+    c = documents.cu_seqlens[-1] // world_size
+    documents.check(c * world_size, world_size)
+    return [[sum(b.pairs() for b in documents.blocks(r, source_rank(r, step, world_size), c, world_size, True))
+             for r in range(world_size)] for step in range(world_size)]
+
+
 def attention_fraction(layout: str, sp_degree: int) -> float:
     """Critical-path cost of causal attention as a fraction of unmasked attention, for long sequences:
     contiguous pays 1 - 1/(2N) (a triangle, then a full block at each of the N-1 other steps),
@@ -139,10 +154,18 @@ def max_training_speedup(layout: str, *, d_model: int, d_ff: int, seq_len: int, 
             raise ValueError(f"{name} must be >= 1, got {value}")
     if attention_cost_factor <= 0:
         raise ValueError(f"attention_cost_factor must be > 0, got {attention_cost_factor}")
+    fractions = {name: attention_fraction(name, sp_degree) for name in ("contiguous", layout)}
+    return _speedup(fractions, layout, d_model=d_model, d_ff=d_ff, seq_len=seq_len,
+                    attention_cost_factor=attention_cost_factor)
+
+
+def _speedup(fractions: dict[str, float], layout: str, *, d_model: int, d_ff: int, seq_len: int,
+             attention_cost_factor: float) -> float:
+    """Training cost of contiguous over ``layout``'s, each paying ``fractions[name]`` of unmasked attention on
+    its critical path."""
     linear = 3 * (8 * d_model**2 + 6 * d_model * d_ff)  # per token and layer: forward + 2x backward
     attention = (1 + BACKWARD_FACTOR["bwd"]) * 4 * seq_len * d_model * attention_cost_factor  # unmasked
-    cost = {name: linear + attention_fraction(name, sp_degree) * attention for name in ("contiguous", layout)}
-    return cost["contiguous"] / cost[layout]
+    return (linear + fractions["contiguous"] * attention) / (linear + fractions[layout] * attention)
 
 
 def ring_transfers(pass_: str, world_size: int, kv_bytes: float, grad_bytes: float) -> list[float]:
@@ -225,6 +248,8 @@ class Plan:
     dtype: str
     steps: tuple[StepCost, ...]
     memory: Memory
+    attention_share: dict[str, float]  # per layout: critical-path attention pairs / unmasked pairs (N c^2)
+    cu_seqlens: tuple[int, ...] | None = None  # packed documents, if any
 
     @property
     def local_len(self) -> int:
@@ -255,8 +280,9 @@ def _memory(m: LlamaConfig, c: int, batch: int, nbytes: int) -> Memory:
 
 
 def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int, batch: int = 1,
-         dtype: str = "bfloat16", layouts: tuple[str, ...] = tuple(LAYOUTS)) -> Plan:
-    """Predict every layout's ring for ``model`` on ``sp_degree`` devices of ``hardware`` (see module doc)."""
+         dtype: str = "bfloat16", layouts: tuple[str, ...] = tuple(LAYOUTS), cu_seqlens=None) -> Plan:
+    """Predict every layout's ring for ``model`` on ``sp_degree`` devices of ``hardware`` (see module doc);
+    ``cu_seqlens``: packed documents (ring_attention's offsets, ending at ``seq_len``), counted exactly."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if batch < 1 or sp_degree < 1:
@@ -267,29 +293,44 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
         get_layout(name).check(seq_len, sp_degree)
     nbytes, n = DTYPE_BYTES[dtype], sp_degree
     c = seq_len // n
+    if cu_seqlens is not None:
+        cu_seqlens = Documents(layouts[0], cu_seqlens).cu_seqlens
+        if cu_seqlens[-1] != seq_len:
+            raise ValueError(f"cu_seqlens end at {cu_seqlens[-1]}, but the sequence has {seq_len} tokens")
+    critical = {  # per layout, the slowest device's pairs at each step
+        name: [max(pairs) for pairs in document_step_pairs(name, cu_seqlens, n)] if cu_seqlens
+        else [critical_pairs(name, step=i, local_len=c, world_size=n) for i in range(n)]
+        for name in dict.fromkeys(("contiguous", *layouts))
+    }
+    share = {  # of unmasked attention on the critical path: exact with documents, else for long blocks
+        name: sum(pairs) / (n * c * c) if cu_seqlens else attention_fraction(name, n) for name, pairs in critical.items()
+    }
     pair_flops = 4 * model.head_dim * model.n_heads * batch * hardware.attention_cost_factor  # one pair, forward
     kv_bytes_per_token = 2 * model.kv_dim * batch * nbytes
     grad_bytes_per_token = 2 * model.kv_dim * batch * GRAD_BYTES
     steps = []
     for name in layouts:
-        speedup = max_training_speedup(name, d_model=model.d_model, d_ff=model.d_ff, seq_len=seq_len,
-                                       sp_degree=n, attention_cost_factor=hardware.attention_cost_factor)
-        balance = 1.0 if name == "contiguous" else 0.5  # steady-step pairs per c^2
+        speedup = _speedup(share, name, d_model=model.d_model, d_ff=model.d_ff, seq_len=seq_len,
+                           attention_cost_factor=hardware.attention_cost_factor)
+        steady = min(1, n - 1)  # a step after the first, or step 0 for one device
+        balance = 1.0 if name == "contiguous" else 0.5  # steady-step pairs per c^2, for long blocks
+        if cu_seqlens:  # as these documents' proportions give it
+            balance = critical[name][steady] / (c * c)
         for pass_, factor in BACKWARD_FACTOR.items():
             flops = pair_flops * factor / hardware.flops
-            compute = [critical_pairs(name, step=i, local_len=c, world_size=n) * flops for i in range(n)]
+            compute = [pairs * flops for pairs in critical[name]]
             transfers = ring_transfers(pass_, n, c * kv_bytes_per_token, c * grad_bytes_per_token)
-            steady = min(1, n - 1)  # a step after the first, or step 0 for one device
             per_token = kv_bytes_per_token + (grad_bytes_per_token if pass_ == "bwd" else 0)
             steps.append(StepCost(
                 layout=name, pass_=pass_,
                 compute_s=compute[steady],
                 transfer_s=transfer_s(transfers[steady], hardware.bandwidth, hardware.latency),
-                min_block=_smallest_hiding_block(balance * pair_flops * factor, per_token, hardware),
+                min_block=_smallest_hiding_block(max(balance, 1e-9) * pair_flops * factor, per_token, hardware),
                 critical_path_s=critical_path_s(compute, transfers, hardware.bandwidth, hardware.latency),
                 speedup=speedup,
             ))
-    return Plan(model, hardware, seq_len, n, batch, dtype, tuple(steps), _memory(model, c, batch, nbytes))
+    return Plan(model, hardware, seq_len, n, batch, dtype, tuple(steps), _memory(model, c, batch, nbytes),
+                {name: share[name] for name in layouts}, cu_seqlens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,6 +380,10 @@ def add_parser(subparsers) -> None:
                    help="attention matmuls cost this many times their FLOPs at peak (A100 presets: 2.0, "
                         "TF32 attention at half rate; others: 1.0)")
     h.add_argument("--memory", metavar="GB", type=float, help="device memory, GB, to say whether the plan fits")
+    w.add_argument("--documents", metavar="N", type=int, default=1,
+                   help="pack N documents into the sequence, cut at N - 1 random points drawn with --seed (as bench "
+                        "and simulate cut them); each device's pairs are then counted exactly (default: 1)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the document cuts (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH")
     p.set_defaults(func=main)
 
@@ -390,10 +435,11 @@ def _ms(x: float) -> str:
 def format_plan(p: Plan) -> str:
     """The human-readable report: setting, per-layout step table, memory, speedups."""
     m, hw, c = p.model, p.hardware, p.local_len
+    packed = f" in {len(p.cu_seqlens) - 1} documents" if p.cu_seqlens else ""
     lines = [
         f"model: d_model {m.d_model}, d_ff {m.d_ff}, {m.n_layers} layers, {m.n_heads} heads / {m.n_kv_heads} kv heads "
         f"({m.num_params() / 1e9:.2f} B parameters)",
-        f"sequence: {p.seq_len:,} tokens x {p.batch} over {p.sp_degree} devices ({c:,} tokens each), {p.dtype}",
+        f"sequence: {p.seq_len:,} tokens{packed} x {p.batch} over {p.sp_degree} devices ({c:,} tokens each), {p.dtype}",
         f"hardware: {hw.name}: {hw.flops / 1e12:g} TFLOP/s, {hw.bandwidth / 1e9:g} GB/s, "
         f"{hw.latency * 1e6:g} us latency, attention cost factor {hw.attention_cost_factor:g}",
         "",
@@ -418,9 +464,14 @@ def format_plan(p: Plan) -> str:
         f"with per-layer checkpointing",
         f"  total with checkpointing {_gb(mem.total())}{fits}",
         "",
-        f"attention alone: contiguous pays {attention_fraction('contiguous', p.sp_degree):.4f} of unmasked attention, "
-        f"balanced layouts 0.5: at most {(2 * p.sp_degree - 1) / p.sp_degree:.3f}x",
     ]
+    if p.cu_seqlens:
+        shares = ", ".join(f"{name} {share:.4f}" for name, share in p.attention_share.items())
+        lines.append(f"attention alone, the slowest devices' pairs over the unmasked ones: {shares}")
+        lines.append(f"documents: {list(p.cu_seqlens) if len(p.cu_seqlens) <= 17 else '(offsets in the JSON)'}")
+    else:
+        lines.append(f"attention alone: contiguous pays {attention_fraction('contiguous', p.sp_degree):.4f} of unmasked "
+                     f"attention, balanced layouts 0.5: at most {(2 * p.sp_degree - 1) / p.sp_degree:.3f}x")
     return "\n".join(lines)
 
 
@@ -432,8 +483,11 @@ def _table(rows) -> str:
 def main(args) -> int:
     try:
         model, hardware = model_and_hardware(args)
+        if not 1 <= args.documents <= args.seq_len:
+            raise ValueError(f"--documents must be from 1 to --seq-len ({args.seq_len}), got {args.documents}")
         result = plan(model, hardware, seq_len=args.seq_len, sp_degree=args.sp_degree, batch=args.batch,
-                      dtype=args.dtype, layouts=args.layouts)
+                      dtype=args.dtype, layouts=args.layouts,
+                      cu_seqlens=random_documents(args.seq_len, args.documents, args.seed))
     except ValueError as e:
         raise SystemExit(f"striped-attention plan: error: {e}") from None
     print(format_plan(result))
@@ -447,7 +501,7 @@ def plan_json(p: Plan) -> dict:
     """JSON-ready dict: the setting, one row per (layout, pass), and the memory."""
     return {
         "model": asdict(p.model), "hardware": asdict(p.hardware), "seq_len": p.seq_len, "sp_degree": p.sp_degree,
-        "batch": p.batch, "dtype": p.dtype,
+        "batch": p.batch, "dtype": p.dtype, "cu_seqlens": p.cu_seqlens, "attention_share": p.attention_share,
         "results": [
             {"layout": s.layout, "pass": s.pass_, "world_size": p.sp_degree, "seq_len": p.seq_len,
              "time_ms": s.critical_path_s * 1e3, "step_compute_ms": s.compute_s * 1e3,
