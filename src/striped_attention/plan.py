@@ -303,7 +303,8 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
         for name in dict.fromkeys(("contiguous", *layouts))
     }
     share = {  # of unmasked attention on the critical path: exact with documents, else for long blocks
-        name: sum(pairs) / (n * c * c) if cu_seqlens else attention_fraction(name, n) for name, pairs in critical.items()
+        name: sum(pairs) / (n * c * c) if cu_seqlens else attention_fraction(name, n)
+        for name, pairs in critical.items()
     }
     pair_flops = 4 * model.head_dim * model.n_heads * batch * hardware.attention_cost_factor  # one pair, forward
     kv_bytes_per_token = 2 * model.kv_dim * batch * nbytes
@@ -470,8 +471,9 @@ def format_plan(p: Plan) -> str:
         lines.append(f"attention alone, the slowest devices' pairs over the unmasked ones: {shares}")
         lines.append(f"documents: {list(p.cu_seqlens) if len(p.cu_seqlens) <= 17 else '(offsets in the JSON)'}")
     else:
-        lines.append(f"attention alone: contiguous pays {attention_fraction('contiguous', p.sp_degree):.4f} of unmasked "
-                     f"attention, balanced layouts 0.5: at most {(2 * p.sp_degree - 1) / p.sp_degree:.3f}x")
+        contiguous = attention_fraction("contiguous", p.sp_degree)
+        lines.append(f"attention alone: contiguous pays {contiguous:.4f} of unmasked attention, balanced layouts 0.5: "
+                     f"at most {(2 * p.sp_degree - 1) / p.sp_degree:.3f}x")
     return "\n".join(lines)
 
 
