@@ -24,6 +24,7 @@ import time
 import torch
 
 from striped_attention import kernels
+from striped_attention.launch import torch_threads
 from striped_attention.layouts import Block
 
 KERNELS = {"torch": "torch", "own": "auto", "flash": "flash", "cudnn": "cudnn", "efficient": "efficient"}  # -> backend
@@ -72,68 +73,69 @@ def main(argv=None) -> None:
     print(f"| tokens per rank | kernel |{' threads |' * threads_column} pass | full block ms | {' | '.join(columns)} |")
     print(f"|---:|---|{'---:|' * threads_column}---|---:|{'---:|' * len(columns)}")
     runs = ((c, kernel, n) for c in args.tokens for kernel in names for n in thread_counts)
-    for c, kernel, threads in runs:
-        backend = KERNELS[kernel]
-        if threads is not None:
-            torch.set_num_threads(threads)
-        q, dout = (torch.randn(1, args.heads, c, args.head_dim).to(device, dtype) for _ in range(2))
-        k, v = (torch.randn(1, kv_heads, c, args.head_dim).to(device, dtype) for _ in range(2))
-        h, scale = c // 2, kernels.default_scale(args.head_dim)
-        out, lse = kernels.attention_forward(q, k, v, causal=True, scale=scale, backend=backend)
-        pieces = {  # (query rows, key rows, causal)
-            "full": (slice(0, c), slice(0, c), False),
-            "striped s<=r": (slice(0, c), slice(0, c), True),
-            "striped s>r": (slice(1, c), slice(0, c - 1), True),
-            "zigzag s<r": (slice(0, c), slice(0, h), False),
-            "zigzag s>r": (slice(h, c), slice(0, c), False),
-        }
-        if args.triangles:
-            pieces = {"full": pieces["full"], "one-token call us": (slice(0, 1), slice(0, 1), False),
-                      **{f"triangle {n}": (slice(0, n), slice(0, n), True) for n in args.triangles}}
-        pairs = {name: Block(*spec).pairs() for name, spec in pieces.items()}
-        calls = {name: min(1000, -(-pairs["full"] // (16 * pairs[name]))) for name in pieces}  # small: many calls
+    with torch_threads(None):  # each run sets its thread count; the caller's comes back after
+        for c, kernel, threads in runs:
+            backend = KERNELS[kernel]
+            if threads is not None:
+                torch.set_num_threads(threads)
+            q, dout = (torch.randn(1, args.heads, c, args.head_dim).to(device, dtype) for _ in range(2))
+            k, v = (torch.randn(1, kv_heads, c, args.head_dim).to(device, dtype) for _ in range(2))
+            h, scale = c // 2, kernels.default_scale(args.head_dim)
+            out, lse = kernels.attention_forward(q, k, v, causal=True, scale=scale, backend=backend)
+            pieces = {  # (query rows, key rows, causal)
+                "full": (slice(0, c), slice(0, c), False),
+                "striped s<=r": (slice(0, c), slice(0, c), True),
+                "striped s>r": (slice(1, c), slice(0, c - 1), True),
+                "zigzag s<r": (slice(0, c), slice(0, h), False),
+                "zigzag s>r": (slice(h, c), slice(0, c), False),
+            }
+            if args.triangles:
+                pieces = {"full": pieces["full"], "one-token call us": (slice(0, 1), slice(0, 1), False),
+                          **{f"triangle {n}": (slice(0, n), slice(0, n), True) for n in args.triangles}}
+            pairs = {name: Block(*spec).pairs() for name, spec in pieces.items()}
+            calls = {name: min(1000, -(-pairs["full"] // (16 * pairs[name]))) for name in pieces}  # small: many calls
 
-        if args.triangles:  # small pieces as the ring calls them: folded into sums and gradients in place
-            sums, grads = kernels.no_keys_seen(q), [torch.zeros_like(t, dtype=out.dtype) for t in (q, k, v)]
+            if args.triangles:  # small pieces as the ring calls them: folded into sums and gradients in place
+                sums, grads = kernels.no_keys_seen(q), [torch.zeros_like(t, dtype=out.dtype) for t in (q, k, v)]
 
-            def forward(qs, ks, causal):
-                kernels.attention_forward_(sums[0][:, :, qs], sums[1][:, :, qs], q[:, :, qs], k[:, :, ks],
-                                           v[:, :, ks], causal=causal, scale=scale, backend=backend)
+                def forward(qs, ks, causal):
+                    kernels.attention_forward_(sums[0][:, :, qs], sums[1][:, :, qs], q[:, :, qs], k[:, :, ks],
+                                               v[:, :, ks], causal=causal, scale=scale, backend=backend)
 
-            def backward(qs, ks, causal):
-                kernels.attention_backward_(grads[0][:, :, qs], grads[1][:, :, ks], grads[2][:, :, ks],
-                                            dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
-                                            lse[:, :, qs], causal=causal, scale=scale, backend=backend)
-        else:
-            def forward(qs, ks, causal):
-                kernels.attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale,
-                                          backend=backend)
-
-            def backward(qs, ks, causal):
-                kernels.attention_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
-                                           lse[:, :, qs], causal=causal, scale=scale, backend=backend)
-
-        for name, fn in (("fwd", forward), ("bwd", backward)):
-            times = {piece: [] for piece in pieces}
-            for rep in range(args.repeats + 1):
-                for piece, spec in pieces.items():
-                    _sync(device)
-                    start = time.perf_counter()
-                    for _ in range(calls[piece]):
-                        fn(*spec)
-                    _sync(device)
-                    if rep:
-                        times[piece].append((time.perf_counter() - start) / calls[piece])
-            ms = {piece: statistics.median(t) * 1e3 for piece, t in times.items()}
-            if args.triangles:  # the call in microseconds, the triangles' cost per pair relative to the full block
-                per_pair = {piece: ms[piece] / pairs[piece] for piece in pieces}
-                cells = [f"{ms['one-token call us'] * 1e3:.1f}"]
-                cells += [f"{per_pair[piece] / per_pair['full']:.2f}x" for piece in list(pieces)[2:]]
+                def backward(qs, ks, causal):
+                    kernels.attention_backward_(grads[0][:, :, qs], grads[1][:, :, ks], grads[2][:, :, ks],
+                                                dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                                lse[:, :, qs], causal=causal, scale=scale, backend=backend)
             else:
-                cells = [f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:]]
-            ratios = " | ".join(cells)
-            threads_cell = f" {threads} |" if threads_column else ""
-            print(f"| {c} | {kernel} |{threads_cell} {name} | {ms['full']:.2f} | {ratios} |", flush=True)
+                def forward(qs, ks, causal):
+                    kernels.attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale,
+                                              backend=backend)
+
+                def backward(qs, ks, causal):
+                    kernels.attention_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                               lse[:, :, qs], causal=causal, scale=scale, backend=backend)
+
+            for name, fn in (("fwd", forward), ("bwd", backward)):
+                times = {piece: [] for piece in pieces}
+                for rep in range(args.repeats + 1):
+                    for piece, spec in pieces.items():
+                        _sync(device)
+                        start = time.perf_counter()
+                        for _ in range(calls[piece]):
+                            fn(*spec)
+                        _sync(device)
+                        if rep:
+                            times[piece].append((time.perf_counter() - start) / calls[piece])
+                ms = {piece: statistics.median(t) * 1e3 for piece, t in times.items()}
+                if args.triangles:  # the call in microseconds, the triangles' cost per pair relative to the full block
+                    per_pair = {piece: ms[piece] / pairs[piece] for piece in pieces}
+                    cells = [f"{ms['one-token call us'] * 1e3:.1f}"]
+                    cells += [f"{per_pair[piece] / per_pair['full']:.2f}x" for piece in list(pieces)[2:]]
+                else:
+                    cells = [f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:]]
+                ratios = " | ".join(cells)
+                threads_cell = f" {threads} |" if threads_column else ""
+                print(f"| {c} | {kernel} |{threads_cell} {name} | {ms['full']:.2f} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

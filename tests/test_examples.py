@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,7 @@ def test_kernels_benchmark_tables(capsys):
         import kernels as bench_kernels  # benchmarks/kernels.py
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    before = torch.get_num_threads()
     for extra, cells in (([], 4), (["--triangles", "4", "16"], 3)):
         bench_kernels.main(["--tokens", "64", "--kernels", "own", "torch", "--repeats", "1", *extra])
         rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
@@ -30,3 +33,4 @@ def test_kernels_benchmark_tables(capsys):
         for row in rows:
             values = [float(cell.strip().rstrip("x")) for cell in row[3:]]
             assert len(values) == 1 + cells and min(values) > 0, row
+    assert torch.get_num_threads() == before  # its --threads (1) do not outlive it
