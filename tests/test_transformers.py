@@ -254,6 +254,10 @@ def test_world_of_one_serves_packed_documents():
         assert relative_error(got.logits.detach(), want_logits.double()) <= TOL
         assert abs(got.loss.item() / want_loss.item() - 1) <= TOL
     assert batch["cu_seq_lens_q"].tolist() == [list(DOCUMENTS), [0, 9, 24, 24]]  # a short row padded
+    as_lists = {**batch, "cu_seq_lens_q": [list(DOCUMENTS), [0, 9, 24]], "cu_seq_lens_k": [list(DOCUMENTS), [0, 9, 24]]}
+    assert torch.equal(model(**as_lists).logits, got.logits)  # offsets as lists, a short row unpadded
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k must be equal"):
+        model(**{**as_lists, "cu_seq_lens_k": [list(DOCUMENTS), [0, 10, 24]]})
     assert batch["cu_seq_lens_k"].dtype == torch.int32
     assert (batch["labels"][0, [4, 15, 23]] == -100).all() and batch["labels"][0, 7] != -100
     assert (batch["labels"][1, [8, 23]] == -100).all()  # no document's last token predicts the next one

@@ -129,7 +129,7 @@ def shard_inputs(
     input_ids: torch.Tensor,
     labels: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-    cu_seqlens: Sequence[int] | torch.Tensor | None = None,
+    cu_seqlens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None = None,
     layout: str | Layout = "striped",
     group: dist.ProcessGroup | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -353,7 +353,7 @@ class _Setup:
         if mask is not None and (mask.dim() != 2 or not bool(mask.bool().all())):
             return "mask", None
         documents, keys = arguments.get("cu_seq_lens_q"), arguments.get("cu_seq_lens_k")
-        if (documents is None) != (keys is None) or (documents is not None and not torch.equal(documents, keys)):
+        if (documents is None) != (keys is None) or (documents is not None and _listed(documents) != _listed(keys)):
             return "documents", None
         if tokens is None or size == 1:
             return None, None
@@ -427,9 +427,18 @@ def _signature(module) -> inspect.Signature:
 NO_TOKEN = torch.iinfo(torch.int64).max  # in a table of offsets: this rank holds no token of the document
 
 
-def _crc(documents: torch.Tensor | None) -> int:
+def _listed(documents):
+    """Document offsets (a tensor, or lists of ints or of tensors) as nested lists of ints."""
+    if isinstance(documents, torch.Tensor):
+        return documents.tolist()
+    if isinstance(documents, (list, tuple)):
+        return [_listed(x) for x in documents]
+    return documents
+
+
+def _crc(documents) -> int:
     """A number that differs between ranks if their document offsets do (0 without documents)."""
-    return 0 if documents is None else zlib.crc32(repr(documents.tolist()).encode())
+    return 0 if documents is None else zlib.crc32(repr(_listed(documents)).encode())
 
 
 def _agree(offsets: torch.Tensor, group, device: torch.device) -> bool:
