@@ -284,6 +284,14 @@ def test_resume_refuses_a_different_run(tmp_path):
         one_rank(steps=1, lr=1e-3, eval_every=0, checkpoint_dir=str(tmp_path), resume=True)
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         one_rank(checkpoint_dir=str(tmp_path / "empty"), resume=True)
+    with pytest.raises(ValueError, match=r"in documents=True \(checkpoint: False\)"):
+        one_rank(steps=1, documents=True, eval_every=0, checkpoint_dir=str(tmp_path), resume=True)
+    state = T.load_checkpoint(tmp_path)  # saved before runs had documents: it resumes as documents=False
+    del state["run"]["documents"]
+    T.save_checkpoint(tmp_path, state)
+    assert T.resumable_state(replace(BASE, steps=1, eval_every=0, checkpoint_dir=str(tmp_path)))["step"] == 1
+    with pytest.raises(ValueError, match=r"in documents=True \(checkpoint: False\)"):
+        T.resumable_state(replace(BASE, steps=1, eval_every=0, checkpoint_dir=str(tmp_path), documents=True))
 
 
 KILLED_SAVE = """

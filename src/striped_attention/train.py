@@ -378,7 +378,9 @@ def _curve(cfg: TrainConfig) -> dict:
 def resumable_state(cfg: TrainConfig, *, mmap: bool = False) -> dict:
     """The checkpoint ``cfg`` resumes from; ValueError if it is missing or was saved by a different run."""
     state = load_checkpoint(cfg.checkpoint_dir, mmap=mmap)
-    differ = {k: (v, state["run"].get(k)) for k, v in _curve(cfg).items() if state["run"].get(k) != v}
+    # a field newer than the checkpoint (documents) had its default value then
+    saved = {k: state["run"].get(k, TrainConfig.__dataclass_fields__[k].default) for k in CURVE_FIELDS}
+    differ = {k: (v, saved[k]) for k, v in _curve(cfg).items() if saved[k] != v}
     if differ:
         detail = ", ".join(f"{k}={now!r} (checkpoint: {then!r})" for k, (now, then) in differ.items())
         raise ValueError(f"cannot resume: this run differs from its checkpoint in {detail}")
