@@ -1,6 +1,7 @@
 """Striped attention over one long sequence, under torchrun, on CPU (gloo) or GPUs (NCCL).
 
     torchrun --nproc-per-node 4 examples/attention.py --seq-len 65536
+    torchrun --nproc-per-node 4 examples/attention.py --documents 3000,100   # packed documents, then the rest
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         examples/attention.py --device cuda --seq-len 262144 --dtype bfloat16
 """
@@ -22,7 +23,16 @@ def main():
     p.add_argument("--head-dim", type=int, default=64, help="channels per head")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--documents", metavar="L1,L2,...", type=lambda s: [int(x) for x in s.split(",")],
+                   help="pack documents of these lengths first, the rest of the sequence last; each token attends "
+                        "within its own document only (cu_seqlens)")
     args = p.parse_args()
+    cu_seqlens = None
+    if args.documents:
+        starts = torch.tensor([0, *args.documents]).cumsum(0).tolist()
+        if min(args.documents) < 0 or starts[-1] > args.seq_len:
+            p.error(f"--documents must be lengths >= 0 adding up to at most --seq-len ({args.seq_len})")
+        cu_seqlens = [*starts, args.seq_len] if starts[-1] < args.seq_len else starts
 
     device = init_distributed(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -37,15 +47,19 @@ def main():
     q_local, k_local, v_local = (shard(t, layout="striped", dim=2).requires_grad_() for t in (q, k, v))
     pos = positions(args.seq_len, layout="striped", rank=rank, world_size=world)
 
-    out = ring_attention(q_local, k_local, v_local, layout="striped")  # (1, heads, seq_len / N, head_dim)
+    # (1, heads, seq_len / N, head_dim); cu_seqlens None: one causal sequence
+    out = ring_attention(q_local, k_local, v_local, layout="striped", cu_seqlens=cu_seqlens)
     out.float().square().sum().backward()
 
     whole = unshard(out.detach(), layout="striped", dim=2)
-    if rank == 0:
-        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if rank == 0:  # against attention on one process, document by document
+        spans = zip(cu_seqlens, cu_seqlens[1:]) if cu_seqlens else [(0, args.seq_len)]
+        want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True) for a, b in spans], dim=2)
         error = (whole.float() - want.float()).abs().max().item()
-        print(f"{world} ranks, {args.seq_len} tokens, local positions {pos[:3].tolist()}...: max error {error:.2e}, "
-              f"dq norm {q_local.grad.float().norm():.3f}")
+        packed = f" in {len(cu_seqlens) - 1} documents" if cu_seqlens else ""
+        print(f"{world} ranks, {args.seq_len} tokens{packed}, local positions {pos[:3].tolist()}...: max error "
+              f"{error:.2e}, dq norm {q_local.grad.float().norm():.3f}")
     dist.destroy_process_group()
 
 

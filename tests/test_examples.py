@@ -17,6 +17,16 @@ def test_attention_example_under_torchrun():
     assert float(line.split("max error ")[1].split(",")[0]) < 1e-5, line
 
 
+def test_attention_example_with_packed_documents():
+    """--documents: an empty document among them, the rest of the sequence last; checked document by document."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "attention.py"), "--seq-len", "1024", "--documents", "300,0,17"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [s for s in done.stdout.splitlines() if "max error" in s][-1]
+    assert "in 4 documents" in line and float(line.split("max error ")[1].split(",")[0]) < 1e-5, line
+
+
 def test_kernels_benchmark_tables(capsys):
     """benchmarks/kernels.py, both tables, on small blocks: a row per (kernel, pass), every cell a positive number."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
