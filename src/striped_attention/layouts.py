@@ -176,7 +176,25 @@ def get_layout(layout: str | Layout) -> Layout:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class Documents(Layout):
+class Packed(Layout):
+    """Base of the packed-documents layouts: the tokens sit where the ``inner`` layout puts them, and
+    ``cu_seqlens`` (checked offsets) say which pieces of its blocks are computed."""
+
+    def __init__(self, layout: str | Layout, cu_seqlens: tuple):
+        self.inner = get_layout(layout)
+        self.name = self.inner.name
+        self.cu_seqlens = cu_seqlens
+        self.checksum = zlib.crc32(repr(cu_seqlens).encode())  # what the ranks compare
+        self._blocks: dict[tuple, tuple[Block, ...]] = {}
+
+    def divisor(self, world_size):
+        return self.inner.divisor(world_size)
+
+    def positions(self, seq_len, rank, world_size):
+        return self.inner.positions(seq_len, rank, world_size)
+
+
+class Documents(Packed):
     """Documents packed into one sequence: a token attends only to tokens of its own document.
 
     ``cu_seqlens`` are the global offsets where the documents start, then the sequence length (flash-attn's
@@ -187,11 +205,7 @@ class Documents(Layout):
     """
 
     def __init__(self, layout: str | Layout, cu_seqlens: Sequence[int] | torch.Tensor):
-        self.inner = get_layout(layout)
-        self.name = self.inner.name
-        self.cu_seqlens = _offsets(cu_seqlens)
-        self.checksum = zlib.crc32(repr(self.cu_seqlens).encode())  # what the ranks compare
-        self._blocks: dict[tuple, tuple[Block, ...]] = {}
+        super().__init__(layout, _offsets(cu_seqlens))
 
     @staticmethod
     def of(layout: str | Layout, cu_seqlens, batch: int | None = None) -> Documents | DocumentsPerRow:
@@ -208,9 +222,6 @@ class Documents(Layout):
             return _shared_documents(layout, rows[0])
         return _shared_rows(layout, rows)
 
-    def divisor(self, world_size):
-        return self.inner.divisor(world_size)
-
     def check(self, seq_len, world_size):
         self.inner.check(seq_len, world_size)
         if self.cu_seqlens[-1] != seq_len:
@@ -218,9 +229,6 @@ class Documents(Layout):
                 f"cu_seqlens end at {self.cu_seqlens[-1]}, but the sequence has {seq_len} tokens; they must end at "
                 "the whole (global) sequence length"
             )
-
-    def positions(self, seq_len, rank, world_size):
-        return self.inner.positions(seq_len, rank, world_size)
 
     def blocks(self, q_rank, kv_rank, local_len, world_size, causal):
         key = (q_rank, kv_rank, local_len, world_size, causal)
@@ -268,30 +276,20 @@ class Documents(Layout):
         return f"Documents({self.inner!r}, cu_seqlens={list(self.cu_seqlens)})"
 
 
-class DocumentsPerRow(Layout):
+class DocumentsPerRow(Packed):
     """Packed documents that differ between the rows of the batch: ``rows[b]`` are row b's offsets (as
     :class:`Documents` takes them). Each run of rows with the same offsets computes its Documents' pieces, on
     those rows only (:attr:`Block.rows`): the ring engine and the kernels are unchanged."""
 
     def __init__(self, layout: str | Layout, rows: Sequence[Sequence[int] | torch.Tensor]):
-        self.inner = get_layout(layout)
-        self.name = self.inner.name
-        self.cu_seqlens = tuple(_offsets(r) for r in rows)
-        self.checksum = zlib.crc32(repr(self.cu_seqlens).encode())  # what the ranks compare
+        super().__init__(layout, tuple(_offsets(r) for r in rows))
         starts = [b for b in range(len(self.cu_seqlens)) if b == 0 or self.cu_seqlens[b] != self.cu_seqlens[b - 1]]
         self._runs = [(slice(a, b), Documents.of(self.inner, self.cu_seqlens[a]))
                       for a, b in zip(starts, [*starts[1:], len(self.cu_seqlens)])]
-        self._blocks: dict[tuple, tuple[Block, ...]] = {}
-
-    def divisor(self, world_size):
-        return self.inner.divisor(world_size)
 
     def check(self, seq_len, world_size):
         for _, documents in self._runs:
             documents.check(seq_len, world_size)
-
-    def positions(self, seq_len, rank, world_size):
-        return self.inner.positions(seq_len, rank, world_size)
 
     def blocks(self, q_rank, kv_rank, local_len, world_size, causal):
         key = (q_rank, kv_rank, local_len, world_size, causal)

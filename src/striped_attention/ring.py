@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import kernels
-from .layouts import EVERY_ROW, Documents, DocumentsPerRow, Layout, get_layout
+from .layouts import EVERY_ROW, Documents, Layout, Packed, get_layout
 
 __all__ = ["ring_attention", "ring_forward", "ring_backward", "source_rank", "record_steps", "StepTime", "Transfer"]
 
@@ -222,7 +222,7 @@ _FIELDS = (
 def _signature(q, k, layout, causal, scale, head_groups) -> list[int]:
     b, h, n, d = q.shape
     dtype = _DTYPES.index(q.dtype)
-    documents = isinstance(layout, (Documents, DocumentsPerRow))
+    documents = isinstance(layout, Packed)
     name = zlib.crc32(type(layout.inner if documents else layout).__qualname__.encode())
     offsets = layout.checksum if documents else -1  # -1: one document
     (scale_bits,) = struct.unpack("<q", struct.pack("<d", scale))
