@@ -367,13 +367,12 @@ class _Setup:
             return "documents", None
         if len(rows) not in (1, batch) or any(row[-1] != seq for row in rows):
             return "documents", None
-        width = max(map(len, rows))
-        rows = [list(row) + [seq] * (width - len(row)) for row in rows]  # empty documents after the last
+        bounds = _offsets_tensor([list(row) for row in rows], seq, "cpu").long().view(len(rows), -1)
         want = positions(seq, layout=self.layout, rank=rank, world_size=size)
-        doc = torch.searchsorted(torch.tensor(rows), want.expand(len(rows), -1).contiguous(), right=True) - 1
+        doc = torch.searchsorted(bounds, want.expand(len(rows), -1).contiguous(), right=True) - 1
         want, doc = want.to(pos.device), doc.to(pos.device).expand(batch, -1)  # (batch, local): document index
         diff = pos.reshape(-1, want.numel()).expand(batch, -1) - want
-        grid = (batch, width - 1)
+        grid = (batch, bounds.shape[1] - 1)
         low = torch.full(grid, NO_TOKEN, device=pos.device).scatter_reduce(1, doc, diff, "amin")
         high = torch.full(grid, -NO_TOKEN, device=pos.device).scatter_reduce(1, doc, diff, "amax")
         if not bool((low.gather(1, doc) == high.gather(1, doc)).all()):
