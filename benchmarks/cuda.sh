@@ -9,7 +9,10 @@
 #   3. `simulate`: 8 virtual ranks on the GPU, forward and forward+backward, every layout (bf16), on the cuDNN
 #      and on the FlashAttention-2 kernel;
 #   4. `simulate` sweep over 2..16 ranks at 8,192 tokens per rank (forward, the default kernel);
-#   5. `bench` on one rank (NCCL): the ring of one against torch SDPA on the whole sequence.
+#   5. `bench` on one rank (NCCL): the ring of one against torch SDPA on the whole sequence;
+#   6. causal triangles of 128 to 4,096 tokens, the pieces packed documents give each rank (cost per pair);
+#   7. `simulate` with 64 packed documents (small pieces: one varlen call per step, and with --backend cudnn a call
+#      per piece) and with 8: 8 virtual ranks, every layout, forward and forward+backward.
 # Each step has its own time limit and log; a failed step does not stop the others. The summary is last.
 # STEPS="tests kernels" runs only the steps named.
 set -u
@@ -46,6 +49,15 @@ step sweep 60 $py -m striped_attention.cli simulate --device cuda --dtype bfloat
     --tokens-per-rank 8192 --heads 32 --head-dim 128 --repeats 3
 step bench1 60 $py -m striped_attention.cli bench --device cuda --world-size 1 --dtype bfloat16 \
     --seq-len 32768 --heads 32 --head-dim 128 --layouts striped --baseline --repeats 10 --check
+
+# 8 virtual ranks, 131,072 tokens in --documents N packed documents (N follows)
+documents=($py -m striped_attention.cli simulate --device cuda --dtype bfloat16 --world-size 8 --seq-len 131072 \
+    --heads 32 --head-dim 128 --pass both --seed 0 --documents)
+step documents-64 120 "${documents[@]}" 64 --repeats 5
+step documents-64-per-piece 120 "${documents[@]}" 64 --repeats 3 --backend cudnn  # no varlen call: one per piece
+step documents-8 120 "${documents[@]}" 8 --repeats 5
+step triangles 60 $py benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 16384 --heads 32 --head-dim 128 \
+    --repeats 10 --triangles 128 256 1024 4096
 
 echo "== summary"
 printf '%s\n' "${status[@]}" | tee "$out/summary.txt"

@@ -68,6 +68,18 @@ def test_cuda_kernels_match_float64(name, dtype, causal, rows):
     assert max(errors.values()) <= TOL[dtype], errors
 
 
+@pytest.mark.parametrize("name, dtype", KERNEL_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in KERNEL_CASES])
+def test_one_query_and_one_key(name, dtype):
+    """The piece packed documents give where a document has one token on two ranks: cuDNN refuses its backward
+    (torch 2.11), which then runs on FlashAttention-2. The query sees one key: out = v, dv = dout, dq = dk = 0."""
+    q, k, v, dout = (t[:, :, 5:6].to("cuda", dtype) for t in _block_inputs(dtype, 8))
+    out, lse = kernels.attention_forward(q, k, v, causal=True, scale=0.125, backend=name)
+    dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, causal=True, scale=0.125, backend=name)
+    assert relative_error(out, v.repeat_interleave(2, 1).double()) <= TOL[dtype]
+    assert relative_error(dv, dout.double().view(2, 2, 2, 1, 64).sum(2)) <= TOL[dtype]
+    assert max(dq.abs().max().item(), dk.abs().max().item()) <= TOL[dtype] * dout.abs().max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_blocks_fold_into_row_views(dtype):
     """attention_forward_/attention_backward_ over two key blocks into row views of the sums give the whole."""
@@ -142,6 +154,23 @@ def run_on_shared_gpu():
     return errors
 
 
+@pytest.mark.parametrize("docs", [DOCUMENTS, PER_ROW], ids=["documents", "per-row"])
+def test_packed_documents_take_one_varlen_call_per_step(monkeypatch, docs):
+    """A world of one on the GPU: the documents' pieces go through FlashAttention-2's varlen kernel, exactly."""
+    from striped_attention import varlen
+
+    calls = []
+    for name in ("_kernel_forward", "_kernel_backward"):
+        kernel = getattr(varlen, name)
+        monkeypatch.setattr(varlen, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
+    q, k, v, dout = full_inputs(0, 2, 4, 2, 384, 64)
+    want = reference(q, k, v, dout, True, None, docs)
+    got = sharded_run("striped", torch.bfloat16, q, k, v, dout, device="cuda", cu_seqlens=docs)
+    assert sorted(set(calls)) == ["_kernel_backward", "_kernel_forward"]
+    errors = [relative_error(g, w) for g, w in zip(got, want)]
+    assert max(errors) <= TOL[torch.bfloat16], errors
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_sharing_the_gpu(world):
     """The whole engine on the GPU, K/V and dK/dV travelling the ring (through the host: gloo)."""
@@ -172,25 +201,29 @@ def test_training_on_cuda():
     assert abs(losses[0] / want[0] - 1) < 1e-2, (losses[0], want[0])  # step 1: before any update
 
 
-def test_a_transformers_model_on_cuda():
-    """A world of one serving a transformers model on the GPU: logits, loss and gradients equal its own sdpa's."""
+@pytest.mark.parametrize("packing", [None, "documents-per-row"])
+def test_a_transformers_model_on_cuda(packing):
+    """A world of one serving a transformers model on the GPU, its batch moved there as a user would: logits,
+    loss and gradients equal its own sdpa's (with packed documents: each document run on its own)."""
     pytest.importorskip("transformers")
     import copy
 
     from striped_attention.integrations.transformers import prepare, shard_inputs
+    from test_transformers import PACKINGS, inputs, one_process, tiny_model
     from test_transformers import TOL as HF_TOL
-    from test_transformers import inputs, tiny_model
 
-    ids, labels = (t.cuda() for t in inputs())
+    ids, labels = inputs()
+    rows, how = PACKINGS[packing] if packing else (None, {})
     ref = tiny_model("llama").cuda()
-    want = ref(input_ids=ids, labels=labels)
-    want.loss.backward()
+    want_logits, want_loss = one_process(ref, ids.cuda(), labels.cuda(), rows)
+    want_loss.backward()
     model = prepare(copy.deepcopy(ref))
     model.zero_grad()
-    got = model(**shard_inputs(input_ids=ids, labels=labels))
+    batch = {name: t.cuda() for name, t in shard_inputs(input_ids=ids, labels=labels, **how).items()}
+    got = model(**batch)
     got.loss.backward()
     assert got.logits.is_cuda and model.config._attn_implementation.startswith("striped_attention")
-    assert relative_error(got.logits.detach(), want.logits.double()) <= HF_TOL
-    assert abs(got.loss.item() / want.loss.item() - 1) <= HF_TOL
+    assert relative_error(got.logits.detach(), want_logits.double()) <= HF_TOL
+    assert abs(got.loss.item() / want_loss.item() - 1) <= HF_TOL
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert relative_error(p.grad, q.grad.double()) <= HF_TOL

@@ -245,6 +245,8 @@ def _cudnn_forward(q, k, v, causal, scale):
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    if q.shape[2] == k.shape[2] == 1:  # cuDNN refuses it ("s_q = s_kv = 1 is not supported", torch 2.11)
+        return _flash_backward(dout, q, k, v, out, lse, causal, scale)
     dout, q, k, v, out = _unit_stride(dout, q, k, v, out)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     seed, offset = _cuda_rng_placeholders(q.device)

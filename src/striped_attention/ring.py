@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import kernels
+from . import kernels, varlen
 from .layouts import EVERY_ROW, Documents, Layout, Packed, get_layout
 
 __all__ = ["ring_attention", "ring_forward", "ring_backward", "source_rank", "record_steps", "StepTime", "Transfer"]
@@ -357,7 +357,12 @@ def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
-        for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
+        together, alone = _pieces(q, layout, ring, source, causal, backend)
+        if together:
+            if out is None:
+                out, lse = kernels.no_keys_seen(q)
+            varlen.forward_(out, lse, q, *kv, together, scale=scale)
+        for blk in alone:
             piece = (blk.queries(q), blk.keys(kv[0]), blk.keys(kv[1]))
             if out is None:
                 if blk.q == every_query and blk.rows == EVERY_ROW:  # a first piece over all starts the sums
@@ -403,6 +408,13 @@ def _land(dk, dv, kv_heads: slice, going_home: Transfer) -> None:
     dk[:, kv_heads], dv[:, kv_heads] = going_home.wait()
 
 
+def _pieces(q, layout: Layout, ring: _Ring, source: int, causal: bool, backend: str):
+    """(varlen calls, blocks): what this rank computes against ``source``'s keys. Packed documents' small pieces
+    go to one varlen call per round where the kernels allow (:mod:`varlen`); the rest one block at a time."""
+    blocks = layout.blocks(ring.rank, source, q.shape[2], ring.size, causal)
+    return varlen.split(q, blocks, backend) if isinstance(layout, Packed) else ([], blocks)
+
+
 def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
     """One pass around the ring: dq in the accumulation dtype, and a Transfer that brings this rank's own
     dK/dV home (in flight from the previous rank after the last step; already here on a ring of one)."""
@@ -413,7 +425,10 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
         dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in kv)
-        for blk in layout.blocks(ring.rank, source, q.shape[2], ring.size, causal):
+        together, alone = _pieces(q, layout, ring, source, causal, backend)
+        if together:
+            varlen.backward_(dq, dk, dv, dout, q, *kv, out, lse, together, scale=scale)
+        for blk in alone:
             kernels.attention_backward_(
                 blk.queries(dq), blk.keys(dk), blk.keys(dv), blk.queries(dout), blk.queries(q), blk.keys(kv[0]),
                 blk.keys(kv[1]), blk.queries(out), blk.queries(lse), causal=blk.causal, scale=scale, backend=backend,
