@@ -410,7 +410,8 @@ def _land(dk, dv, kv_heads: slice, going_home: Transfer) -> None:
 
 def _pieces(q, layout: Layout, ring: _Ring, source: int, causal: bool, backend: str):
     """(varlen calls, blocks): what this rank computes against ``source``'s keys. Packed documents' small pieces
-    go to one varlen call per round where the kernels allow (:mod:`varlen`); the rest one block at a time."""
+    go to varlen calls (per batch row and round) where the kernels allow (:mod:`varlen`); the rest one block at
+    a time."""
     blocks = layout.blocks(ring.rank, source, q.shape[2], ring.size, causal)
     return varlen.split(q, blocks, backend) if isinstance(layout, Packed) else ([], blocks)
 

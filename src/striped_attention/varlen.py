@@ -1,13 +1,14 @@
 """A ring step's small pieces in one kernel call: FlashAttention-2's variable-length entry, on CUDA.
 
-A kernel call on a GPU costs 120-160 us whatever its size (launches and set-up around a one-token call on an
+A kernel call on a GPU costs 90-160 us whatever its size (launches and set-up around a one-token call on an
 H200, README), so packed short documents, whose pieces are many and small, spent their steps calling. The
 varlen kernel computes many sequences of packed (token, heads, head_dim) tensors in one launch: each small
-piece of a step becomes one of its sequences, gathered from the local tensors, and its results are merged
-back where the piece lies. The kernel aligns a causal mask at the bottom right and the pieces are top-left
-aligned, so a causal piece that is not square goes as a causal square and a dense rectangle (one call for
-the causal sequences, one for the dense). A query merged twice in one call would lose one of its results,
-so sequences that share queries go to separate calls ("rounds").
+piece of a step becomes one of its sequences, gathered from the local tensors of its batch row, and its
+results are merged back where the piece lies. The kernel aligns a causal mask at the bottom right and the
+pieces are top-left aligned, so a causal piece that is not square goes as a causal square and a dense
+rectangle: per batch row one call for the causal sequences and one for the dense. A query merged twice in
+one call would lose one of its results, so sequences that share queries go to separate calls ("rounds";
+the packed layouts never need a second one).
 
 Shapes as in :mod:`kernels`: q (batch, heads, len, d); k, v (batch, kv_heads, len, d); the running sums
 out (like q, float32) and lse (batch, heads, len); pieces are :class:`layouts.Block`.
@@ -26,9 +27,9 @@ __all__ = ["SMALL_PIECE", "Call", "split", "forward_", "backward_"]
 aten = torch.ops.aten
 
 # A piece with fewer (query, key) pairs than this joins its step's varlen call; a larger one is computed on
-# its own by the fastest kernel (on Hopper cuDNN, ~1.9x FlashAttention-2 per pair). Near 1M pairs a call's
-# fixed ~120 us and cuDNN's saving per pair (2.5e-5 against 4.8e-5 us on an H200) are about even, counting
-# the gathers the varlen call needs.
+# its own by the fastest kernel (on Hopper cuDNN, ~1.9x FlashAttention-2 per pair). Set on an H200: at 4M,
+# 8 documents in 131,072 tokens on 8 ranks (pieces of ~2M pairs) ran 1.4x slower through the varlen call
+# than on cuDNN; at 1M about as fast, and 64 documents (pieces of ~30K pairs) 2.7x faster (README).
 SMALL_PIECE = 1024 * 1024
 
 
