@@ -31,7 +31,16 @@ def _scores(q, k, causal, scale):
     return s
 
 
+def _check_inputs(*packed, call):
+    """What FlashAttention-2's varlen entry demands: (tokens, heads, head_dim) tensors of one dtype whose last
+    dimension is contiguous (other strides are free), int32 offsets."""
+    for t in packed:
+        assert t.dim() == 3 and t.stride(-1) == 1 and t.dtype == packed[0].dtype, (t.shape, t.stride(), t.dtype)
+    assert call.cu_q.dtype == call.cu_k.dtype == torch.int32 and call.cu_q.is_contiguous()
+
+
 def emulated_forward(q, k, v, call, scale):
+    _check_inputs(q, k, v, call=call)
     outs, lses = [], []
     for i in range(len(call.cu_q) - 1):
         qs, ks = _sequence(call, i)
@@ -44,6 +53,8 @@ def emulated_forward(q, k, v, call, scale):
 
 
 def emulated_backward(dout, q, k, v, out, lse, call, scale):
+    _check_inputs(dout, q, k, v, out, call=call)
+    assert lse.is_contiguous() and lse.shape == (q.shape[1], q.shape[0])
     group = q.shape[1] // k.shape[1]
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v))
     for i in range(len(call.cu_q) - 1):

@@ -130,8 +130,10 @@ def _take(t: torch.Tensor, row: int, at: torch.Tensor | slice) -> torch.Tensor:
 
 
 def _packed(t: torch.Tensor, row: int, at) -> torch.Tensor:
-    """(tokens, heads, d) for the kernel."""
-    return _take(t, row, at).transpose(0, 1).contiguous()
+    """(tokens, heads, d) for the kernel, which needs only head_dim contiguous: a strided view for a slice (no
+    copy), one gather for an index."""
+    tokens_first = t[row].transpose(0, 1)
+    return tokens_first[at] if isinstance(at, slice) else tokens_first.index_select(0, at)
 
 
 def forward_(out, lse, q, k, v, calls: list[Call], *, scale: float) -> None:
@@ -155,11 +157,11 @@ def backward_(dq, dk, dv, dout, q, k, v, out, lse, calls: list[Call], *, scale: 
             _packed(v, c.row, c.k_at), _packed(out, c.row, c.q_at), _take(lse, c.row, c.q_at).contiguous(), c, scale,
         )
         for total, part, at in zip((dq, dk, dv), grads, (c.q_at, c.k_at, c.k_at)):
-            part = part.transpose(0, 1).to(total.dtype)
+            part = part.transpose(0, 1)
             if isinstance(at, slice):
-                total[c.row, :, at] += part
+                total[c.row, :, at] += part  # promoted to the fp32 sums as it is added
             else:
-                total[c.row].index_add_(1, at, part)
+                total[c.row].index_add_(1, at, part.to(total.dtype))
 
 
 def _flash_forward(q, k, v, call: Call, scale: float):
