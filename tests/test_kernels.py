@@ -263,6 +263,16 @@ def test_merge_into_empty_accumulator_has_no_nan():
     assert lse.tolist() == [[[1.0, -5.0, 1e4]]]
 
 
+def test_merge_of_a_block_that_saw_no_key_changes_nothing():
+    """A block query that saw no key (out 0, lse -inf: a varlen call's joining query) leaves the sums as they
+    were, also for a query that has seen no key either."""
+    out, lse = torch.randn(1, 1, 3, 2), torch.tensor([[[0.5, float("-inf"), 7.0]]])
+    out[0, 0, 1] = 0
+    before = out.clone(), lse.clone()
+    kernels.merge_(out, lse, torch.zeros(1, 1, 3, 2), torch.full((1, 1, 3), float("-inf")))
+    assert torch.equal(out, before[0]) and torch.equal(lse, before[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_extreme_logits_stay_finite(dtype):
     q, k, v = _inputs(torch.float32, q_len=16, k_len=16)

@@ -417,9 +417,10 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
     out: (..., n, d) and lse: (..., n) accumulators (may be views); out_b, lse_b: one block's results for the
     same queries. out moves towards out_b by sigmoid(lse_b - lse), the block's share of the total softmax
     mass, and lse becomes logaddexp(lse, lse_b). A query that has seen no key yet (lse = -inf, out = 0) takes
-    the block's values exactly (sigmoid(+inf) = 1), without NaN.
+    the block's values exactly (sigmoid(+inf) = 1), without NaN; a block query that saw none (lse_b = -inf,
+    out_b = 0) changes nothing, also when neither has seen a key.
     """
-    weight = torch.sigmoid(lse_b - lse).unsqueeze(-1).to(out.dtype)
+    weight = torch.sigmoid(lse_b - lse).nan_to_num_(0.0).unsqueeze(-1).to(out.dtype)
     out.lerp_(out_b.to(out.dtype), weight)
     lse.copy_(torch.logaddexp(lse, lse_b))
 

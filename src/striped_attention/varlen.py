@@ -3,12 +3,13 @@
 A kernel call on a GPU costs 90-160 us whatever its size (launches and set-up around a one-token call on an
 H200, README), so packed short documents, whose pieces are many and small, spent their steps calling. The
 varlen kernel computes many sequences of packed (token, heads, head_dim) tensors in one launch: each small
-piece of a step becomes one of its sequences, gathered from the local tensors of its batch row, and its
-results are merged back where the piece lies. The kernel aligns a causal mask at the bottom right and the
+piece of a step becomes one of its sequences, taken from the local tensors of its batch row (a view where
+the sequences' tokens are one run, else a gather), and its results are merged back where the piece lies. The kernel aligns a causal mask at the bottom right and the
 pieces are top-left aligned, so a causal piece that is not square goes as a causal square and a dense
-rectangle: per batch row one call for the causal sequences and one for the dense. A query merged twice in
-one call would lose one of its results, so sequences that share queries go to separate calls ("rounds";
-the packed layouts never need a second one).
+rectangle: per batch row one call for the causal sequences and one for the dense. Where causal squares are
+one query apart, that query joins the next square and sees no key, so the queries are one run (a view). A query
+merged twice in one call would lose one of its results, so sequences that share queries go to separate calls
+("rounds"; the packed layouts never need a second one).
 
 Shapes as in :mod:`kernels`: q (batch, heads, len, d); k, v (batch, kv_heads, len, d); the running sums
 out (like q, float32) and lse (batch, heads, len); pieces are :class:`layouts.Block`.
@@ -102,7 +103,18 @@ def _calls(pieces: tuple, batch: int, device: torch.device) -> list[Call]:
             r += 1
         ends[(causal, row, r)] = seq[3]
         rounds.setdefault((causal, row, r), []).append(seq)
-    return [_call(causal, row, seqs, device) for (causal, row, _), seqs in sorted(rounds.items())]
+    return [_call(causal, row, _joined(seqs) if causal else seqs, device)
+            for (causal, row, _), seqs in sorted(rounds.items())]
+
+
+def _joined(seqs: list) -> list:
+    """Causal squares one query apart (striped's pieces above the diagonal, j < i, one per document) start a
+    query earlier: the kernel aligns the mask bottom-right, so that query sees no key (out 0, lse +inf, merged
+    as nothing), and the queries become one run, a view instead of a gather and a scatter."""
+    joined = seqs[:1]
+    for before, seq in zip(seqs, seqs[1:]):
+        joined.append(seq[:2] + (seq[2] - 1,) + seq[3:] if seq[2] == before[3] + 1 else seq)
+    return joined
 
 
 def _call(causal: bool, row: int, seqs: list, device: torch.device) -> Call:
@@ -141,6 +153,7 @@ def forward_(out, lse, q, k, v, calls: list[Call], *, scale: float) -> None:
     for c in calls:
         out_b, lse_b = _kernel_forward(_packed(q, c.row, c.q_at), _packed(k, c.row, c.k_at),
                                        _packed(v, c.row, c.k_at), c, scale)
+        lse_b.masked_fill_(lse_b == float("inf"), float("-inf"))  # the kernel's mark of a query that saw no key
         sums, sums_lse = _take(out, c.row, c.q_at), _take(lse, c.row, c.q_at)
         kernels.merge_(sums, sums_lse, out_b.transpose(0, 1), lse_b)
         if not isinstance(c.q_at, slice):  # merged into a gathered copy: put it back
