@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ranks import document_mask, error_of, full_inputs, reference, relative_error, sharded_run
-from striped_attention import LAYOUTS, Block, Layout, ring_attention
+from striped_attention import LAYOUTS, Block, Layout, balance_documents, positions, ring_attention
 from striped_attention.layouts import Documents, DocumentsPerRow
 from striped_attention.plan import document_step_pairs
 
@@ -126,9 +126,9 @@ class _Reversed(Layout):
         return (Block(slice(0, local_len), slice(0, local_len), False),)
 
 
-def test_a_layout_out_of_position_order_cannot_be_cut_at_documents():
+def test_a_layout_out_of_position_order_within_a_document_cannot_be_cut():
     error = error_of(lambda: Documents(_Reversed(), [0, 3, 8]).blocks(0, 0, 8, 1, False))
-    assert error is not None and "does not keep its positions in order" in error
+    assert error is not None and "does not keep a document's positions in order" in error
 
 
 def test_layers_with_the_same_documents_share_their_cut_pieces():
@@ -136,3 +136,58 @@ def test_layers_with_the_same_documents_share_their_cut_pieces():
     assert Documents.of(LAYOUTS["striped"], torch.tensor([0, 5, 16])) is shared
     assert Documents.of("zigzag", [0, 5, 16]) is not shared and Documents.of("striped", [0, 6, 16]) is not shared
     assert shared.blocks(0, 1, 8, 2, True) is shared.blocks(0, 1, 8, 2, True)  # cut once, then reused
+
+
+def test_a_document_split_within_a_piece_cannot_be_cut():
+    """Documents cut a piece by runs of documents: a document in two runs of one piece is a ValueError."""
+
+    class Interleaved(_Reversed):
+        def positions(self, seq_len, rank, world_size):
+            return torch.tensor([0, 3, 1, 4, 2, 5, 6, 7])  # documents [0, 3) and [3, 8) interleaved, each in order
+
+    error = error_of(lambda: Documents(Interleaved(), [0, 3, 8]).blocks(0, 0, 8, 1, False))
+    assert error is not None and "splits a document's tokens within a piece" in error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Balanced documents: contiguous shares of the documents in another order
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world, seq, documents, seed", [(8, 16384, 64, 0), (8, 131072, 64, 1), (4, 4096, 24, 2),
+                                                         (2, 8192, 16, 0), (3, 96, 7, 3)])
+def test_balanced_documents_shorten_the_critical_path(world, seq, documents, seed):
+    """The order keeps each document together and in order, every token once; its critical path (the sum over
+    steps of the busiest rank's pairs, counted from the pieces the ring computes) is never longer than the
+    documents packed as given (contiguous) and here shorter; and every rank computes the same order."""
+    from striped_attention.bench import random_documents
+    from striped_attention.layouts import DocumentOrder, _critical_pairs
+
+    cu_seqlens = random_documents(seq, documents, seed)
+    layout = balance_documents(cu_seqlens, world)
+    assert isinstance(layout.inner, DocumentOrder) and layout.cu_seqlens == tuple(cu_seqlens)
+    held = torch.cat([positions(seq, layout=layout, rank=r, world_size=world) for r in range(world)])
+    assert torch.equal(held.sort().values, torch.arange(seq))
+    assert held.tolist() == [t for d in layout.inner.order for t in range(cu_seqlens[d], cu_seqlens[d + 1])]
+    critical = {name: sum(map(max, document_step_pairs(name, cu_seqlens, world)))
+                for name in ("contiguous", "balanced")}
+    lengths = [cu_seqlens[d + 1] - cu_seqlens[d] for d in layout.inner.order]
+    assert critical["balanced"] == _critical_pairs(lengths, seq // world, world)  # the search's count is the ring's
+    assert critical["balanced"] < critical["contiguous"], critical
+    assert balance_documents(cu_seqlens, world).inner.order == layout.inner.order
+
+
+def test_balanced_documents_bad_input_is_a_value_error():
+    q = torch.randn(1, 2, 8, 4)
+    layout = balance_documents([0, 3, 8], 1)
+    cases = {
+        "other documents": (lambda: ring_attention(q, q, q, layout=layout, cu_seqlens=[0, 4, 8]), "holds other documents"),
+        "rows": (lambda: balance_documents([[0, 3, 8], [0, 8]], 2), "one set of documents for every row"),
+        "length": (lambda: balance_documents([0, 3, 7], 2), "positive multiple of 2"),
+        "other sequence": (lambda: ring_attention(torch.randn(1, 2, 16, 4), *[torch.randn(1, 2, 16, 4)] * 2,
+                                                  layout=layout), "orders the documents of 8 tokens, not of 16"),
+    }
+    for name, (fn, message) in cases.items():
+        error = error_of(fn)
+        assert error is not None and message in error, (name, error)
+    assert torch.equal(ring_attention(q, q, q, layout=layout), ring_attention(q, q, q, layout=layout, cu_seqlens=[0, 3, 8]))

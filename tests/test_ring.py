@@ -13,6 +13,7 @@ import torch
 from ranks import cached, error_of, full_inputs, reference, relative_error, run_ranks, sharded_run
 from striped_attention import LAYOUTS, Block, Layout, kernels, positions, ring_attention, shard, unshard
 from striped_attention.launch import torch_threads
+from striped_attention.layouts import for_documents
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,13 @@ def _cases(world):
     cases = [Case(name, causal) for name in sorted(LAYOUTS) for causal in (True, False)]
     cases += [Case(name, causal, cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS) for causal in (True, False)]
     cases += [Case(name, True, cu_seqlens=DOCUMENTS_PER_ROW) for name in sorted(LAYOUTS)]
+    cases += [Case("balanced", causal, cu_seqlens=DOCUMENTS) for causal in (True, False)]  # documents reordered
     if world == 2:  # different documents in each row, not causal, and with every row alike given per row
         cases += [Case(name, False, cu_seqlens=DOCUMENTS_PER_ROW) for name in sorted(LAYOUTS)]
         cases += [Case("striped", True, cu_seqlens=(DOCUMENTS, DOCUMENTS))]
         cases += [Case("zigzag", True, heads=6, kv_heads=3, head_groups=2, cu_seqlens=DOCUMENTS_PER_ROW)]
     if world == 2:  # documents in 16 bits, and on torch's kernels
-        cases += [Case(name, True, dtype="bfloat16", cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS)]
+        cases += [Case(name, True, dtype="bfloat16", cu_seqlens=DOCUMENTS) for name in (*sorted(LAYOUTS), "balanced")]
         cases += [Case(name, True, backend="torch", cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS)]
     if world in (2, 4):
         for name in sorted(LAYOUTS):
@@ -79,7 +81,8 @@ def run_cases(world):
         q, k, v, dout = full_inputs(0, case.batch, case.heads, case.kv_heads, case.seq, case.head_dim)
         want = reference(q, k, v, dout, case.causal, case.scale, case.cu_seqlens)
         got = sharded_run(
-            case.layout, getattr(torch, case.dtype), q, k, v, dout, causal=case.causal, softmax_scale=case.scale,
+            for_documents(case.layout, case.cu_seqlens, world), getattr(torch, case.dtype), q, k, v, dout,
+            causal=case.causal, softmax_scale=case.scale,
             backend=case.backend, head_groups=case.head_groups, cu_seqlens=case.cu_seqlens,
         )
         assert all(g.dtype == getattr(torch, case.dtype) for g in got)

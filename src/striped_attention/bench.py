@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .kernels import BACKENDS, CUDA_KERNELS
-from .layouts import LAYOUTS, shard
+from .layouts import LAYOUTS, for_documents, get_layout, shard
 from .ring import check_head_groups, record_steps, ring_attention
 
 PASSES = ("fwd", "fwd+bwd")
@@ -122,18 +122,19 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
     device = device or torch.device(cfg.device)
     rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     q, k, v, dout = random_inputs(cfg, device)
-    local = {name: [shard(t, layout=name, dim=2) for t in (q, k, v, dout)] for name in cfg.layouts}
     cu_seqlens = cfg.cu_seqlens()
+    layouts = {name: for_documents(name, cu_seqlens, n) for name in cfg.layouts}
+    local = {name: [shard(t, layout=layout, dim=2) for t in (q, k, v, dout)] for name, layout in layouts.items()}
     options = dict(causal=cfg.causal, cu_seqlens=cu_seqlens, head_groups=cfg.head_groups, backend=cfg.backend)
 
     def ring(name, backward):
         ql, kl, vl, dl = local[name]
         if backward:
             ql, kl, vl = (t.detach().requires_grad_() for t in (ql, kl, vl))
-            ring_attention(ql, kl, vl, layout=name, **options).backward(dl)
+            ring_attention(ql, kl, vl, layout=layouts[name], **options).backward(dl)
             return ql.grad, kl.grad, vl.grad
         with torch.no_grad():
-            return ring_attention(ql, kl, vl, layout=name, **options)
+            return ring_attention(ql, kl, vl, layout=layouts[name], **options)
 
     def baseline(backward):
         if rank != 0:  # the others idle at the barrier: one rank's resources, as the definition asks
@@ -169,7 +170,7 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
         per_rank = _gather_objects(_median_steps(steps[key]), n)
         results.append(Result(key[0], key[1], times[key], per_rank, world_size=1 if key[0] == BASELINE else n))
     if cfg.check:
-        _check(cfg, results, local, q, k, v, dout, ring, rank, n)
+        _check(cfg, results, layouts, q, k, v, dout, ring, n)
     return results
 
 
@@ -200,7 +201,7 @@ def _gather_objects(obj, n):
     return out
 
 
-def _check(cfg, results, local, q, k, v, dout, ring, rank, n):
+def _check(cfg, results, layouts, q, k, v, dout, ring, n):
     """Max abs error of each layout's output and gradients against single-process SDPA (the whole sequence)."""
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
     want_out = _sdpa(qf, kf, vf, cfg.causal, cfg.cu_seqlens())
@@ -208,7 +209,8 @@ def _check(cfg, results, local, q, k, v, dout, ring, rank, n):
     want = [want_out.detach(), qf.grad, kf.grad, vf.grad]
     for name in cfg.layouts:
         got = [ring(name, False), *ring(name, True)]
-        err = max((g.float() - shard(w, layout=name, dim=2).float()).abs().max().item() for g, w in zip(got, want))
+        err = max((g.float() - shard(w, layout=layouts[name], dim=2).float()).abs().max().item()
+                  for g, w in zip(got, want))
         worst = max(_gather_objects(err, n))
         for r in results:
             if r.layout == name:
@@ -379,7 +381,9 @@ def add_workload_arguments(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=defaults.dtype,
                    help="q/k/v dtype (default: %(default)s)")
     p.add_argument("--layouts", metavar="LIST", type=layout_list, default=tuple(LAYOUTS),
-                   help="comma-separated layouts (default: contiguous,striped,zigzag)")
+                   help="comma-separated layouts: contiguous, striped, zigzag, and balanced (contiguous shares of the "
+                        "--documents reordered to balance the ranks: balance_documents) "
+                        "(default: contiguous,striped,zigzag)")
     p.add_argument("--pass", dest="pass_", choices=list(PASS_CHOICES), default=_pass_name(defaults.passes),
                    help="forward only, forward+backward, or both, each timed separately (default: %(default)s)")
     p.add_argument("--repeats", metavar="N", type=int, default=defaults.repeats,
@@ -464,7 +468,7 @@ def main(args) -> int:
         if cfg.head_groups is not None:
             check_head_groups(cfg.head_groups, cfg.kv_heads)
         for name in cfg.layouts * (not under_torchrun()):  # under torchrun the ranks check their own world
-            LAYOUTS[name].check(cfg.seq_len, cfg.world_size)
+            get_layout(for_documents(name, None, cfg.world_size)).check(cfg.seq_len, cfg.world_size)
     except ValueError as e:
         raise SystemExit(f"striped-attention bench: error: {e}") from None
     lead = not under_torchrun() or int(os.environ["RANK"]) == 0

@@ -15,6 +15,7 @@ so a new layout is one new class here and nothing else. Packed documents are a l
 from __future__ import annotations
 
 import functools
+import random
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "DocumentsPerRow", "LAYOUTS", "get_layout",
-    "positions", "shard", "unshard",
+    "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "DocumentsPerRow", "DocumentOrder",
+    "balance_documents", "for_documents", "BALANCED", "LAYOUTS", "get_layout", "positions", "shard", "unshard",
 ]
 
 EVERY_ROW = slice(None)
@@ -236,10 +237,8 @@ class Documents(Packed):
             seq_len = local_len * world_size
             self.check(seq_len, world_size)
             bounds = torch.tensor(self.cu_seqlens)
-            q_doc, k_doc = (
-                torch.searchsorted(bounds, self.positions(seq_len, r, world_size), right=True)
-                for r in (q_rank, kv_rank)
-            )
+            q_doc, k_doc = (self._documents_of(self.positions(seq_len, r, world_size), bounds)
+                            for r in (q_rank, kv_rank))
             pieces = self.inner.blocks(q_rank, kv_rank, local_len, world_size, causal)
             self._blocks[key] = tuple(
                 cut for blk in pieces for cut in self._cut(blk, q_doc, k_doc) if cut.pairs()
@@ -262,13 +261,21 @@ class Documents(Packed):
             else:  # the first -shift queries see none of these keys
                 yield Block(slice(qa - shift, qb), slice(ka, kb), True)
 
+    def _documents_of(self, pos: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        """The document of each local token at global positions ``pos``, checked: a document's tokens are in
+        position order."""
+        doc = torch.searchsorted(bounds, pos, right=True)
+        if ((doc[1:] == doc[:-1]) & (pos[1:] <= pos[:-1])).any():
+            raise ValueError(f"layout {self.name!r} does not keep a document's positions in order, so its pieces "
+                             "cannot be cut at documents")
+        return doc
+
     def _runs(self, doc: torch.Tensor, s: slice) -> dict[int, tuple[int, int]]:
-        """document -> (start, stop) of its local indices within ``s``, which must be in position order."""
-        ids = doc[s]
-        if (ids[1:] < ids[:-1]).any():
-            raise ValueError(f"layout {self.name!r} does not keep its positions in order within a piece, "
-                             "so its pieces cannot be cut at documents")
-        docs, counts = torch.unique_consecutive(ids, return_counts=True)
+        """document -> (start, stop) of its local indices within ``s``, where each document must be one run."""
+        docs, counts = torch.unique_consecutive(doc[s], return_counts=True)
+        if len(set(docs.tolist())) < len(docs):
+            raise ValueError(f"layout {self.name!r} splits a document's tokens within a piece, so its pieces "
+                             "cannot be cut at documents")
         stops = counts.cumsum(0) + s.start
         return dict(zip(docs.tolist(), zip((stops - counts).tolist(), stops.tolist())))
 
@@ -302,6 +309,107 @@ class DocumentsPerRow(Packed):
 
     def __repr__(self) -> str:
         return f"DocumentsPerRow({self.inner!r}, rows={[list(r) for r in self.cu_seqlens]})"
+
+
+class DocumentOrder(Contiguous):
+    """Contiguous over the packed documents in another order: ``order`` lists the documents of ``cu_seqlens``
+    (indices), and rank r holds the r-th of N equal shares of them laid end to end. A document's tokens stay
+    together and in order, so under its documents' masks (:class:`Documents`) the pieces are contiguous's.
+    :func:`balance_documents` chooses the order."""
+
+    name = "balanced"
+
+    def __init__(self, cu_seqlens: Sequence[int], order: Sequence[int]):
+        self.cu_seqlens, self.order = _offsets(cu_seqlens), tuple(order)
+        if sorted(self.order) != list(range(len(self.cu_seqlens) - 1)):
+            raise ValueError(f"order must list each of the {len(self.cu_seqlens) - 1} documents once")
+        bounds = self.cu_seqlens
+        self._positions = torch.cat([torch.arange(bounds[d], bounds[d + 1]) for d in self.order])
+
+    def check(self, seq_len, world_size):
+        super().check(seq_len, world_size)
+        if seq_len != self.cu_seqlens[-1]:
+            raise ValueError(f"layout {self.name!r} orders the documents of {self.cu_seqlens[-1]} tokens, not of "
+                             f"{seq_len}")
+
+    def positions(self, seq_len, rank, world_size):
+        self.check(seq_len, world_size)
+        c = seq_len // world_size
+        return self._positions[rank * c:(rank + 1) * c].clone()
+
+    def __repr__(self) -> str:
+        return f"DocumentOrder(order={list(self.order)})"
+
+
+def balance_documents(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, seed: int = 0) -> Documents:
+    """A layout for the packed documents ``cu_seqlens`` (one set for every row, as ring_attention takes them)
+    on ``world_size`` ranks: contiguous shares of the documents put in an order that balances the ranks'
+    (query, key) pairs at each ring step. Short documents stay whole on a rank, where striped cuts every
+    document into a small piece on every rank at every step (which costs kernel calls and merges on a GPU).
+
+    The order minimizes the critical path: the sum over steps of the busiest rank's pairs, with the documents'
+    masks. From the largest documents dealt to the least loaded rank, swaps of two documents that shorten it
+    are kept (a fixed number of tries, seeded: every rank computes the same order). Pass the result as
+    ``layout`` to :func:`shard`, :func:`positions` and ``ring_attention`` (without ``cu_seqlens``: it holds them).
+    Long documents (many ranks' shares) still cost what they cost contiguous; striped balances those.
+    """
+    if _rows_of_offsets(cu_seqlens) is not None:
+        raise ValueError("balance_documents orders one set of documents for every row of the batch; rows with "
+                         "documents of their own would each need their own order")
+    offsets = _offsets(cu_seqlens)
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    Contiguous().check(offsets[-1], world_size)
+    share = offsets[-1] // world_size
+    load, ranks = [0] * world_size, [[] for _ in range(world_size)]
+    for d in sorted(range(len(lengths)), key=lambda d: -lengths[d]):
+        r = min(range(world_size), key=lambda r: load[r])
+        ranks[r].append(d)
+        load[r] += lengths[d] * (lengths[d] + 1) // 2
+    order = min(([d for rank in ranks for d in rank], list(range(len(lengths)))),  # or as packed, if better
+                key=lambda o: _critical_pairs([lengths[d] for d in o], share, world_size))
+    best = _critical_pairs([lengths[d] for d in order], share, world_size)
+    rng = random.Random(seed)
+    for _ in range(max(200, min(50 * len(order), 400_000 // max(len(order), 1)))):
+        i, j = rng.randrange(len(order)), rng.randrange(len(order))
+        if lengths[order[i]] == lengths[order[j]]:
+            continue
+        order[i], order[j] = order[j], order[i]
+        cost = _critical_pairs([lengths[d] for d in order], share, world_size)
+        if cost <= best:
+            best = cost
+        else:
+            order[i], order[j] = order[j], order[i]
+    return Documents(DocumentOrder(offsets, order), offsets)
+
+
+BALANCED = DocumentOrder.name
+
+
+def for_documents(name: str, cu_seqlens: Sequence[int] | None, world_size: int) -> str | Layout:
+    """What the commands pass as ``layout`` to shard and ring_attention for the layout named ``name`` (one of
+    LAYOUTS or ``"balanced"``) and packed documents ``cu_seqlens`` (None: one sequence, which balanced lays as
+    contiguous does)."""
+    if name != BALANCED:
+        get_layout(name)
+        return name
+    return "contiguous" if cu_seqlens is None else balance_documents(cu_seqlens, world_size)
+
+
+def _critical_pairs(lengths: list[int], share: int, world_size: int) -> int:
+    """Sum over ring steps of the busiest rank's (query, key) pairs: documents of ``lengths`` laid end to end,
+    ``share`` tokens per rank, causal within each document (contiguous: step s pairs rank r with r - s)."""
+    steps = [[0] * world_size for _ in range(world_size)]
+    start = 0
+    for n in lengths:
+        end = start + n
+        parts = [(r, min(end, (r + 1) * share) - max(start, r * share))
+                 for r in range(start // share, (end - 1) // share + 1)] if n else []
+        for i, (r, part) in enumerate(parts):
+            steps[0][r] += part * (part + 1) // 2
+            for earlier, before in parts[:i]:
+                steps[r - earlier][r] += part * before
+        start = end
+    return sum(map(max, steps))
 
 
 @functools.lru_cache(maxsize=16)
@@ -378,10 +486,10 @@ def unshard(x_local: torch.Tensor, *, layout: str | Layout, dim: int, group=None
     Differentiable: the gradient of ``x_local`` is the sum over ranks of the gradient of their result.
     """
     rank, size = _group_rank_size(group)
-    if size == 1:
-        return x_local
-    gathered = _GatherSequence.apply(x_local, dim % x_local.dim(), group)
+    gathered = x_local if size == 1 else _GatherSequence.apply(x_local, dim % x_local.dim(), group)
     order = torch.cat([positions(gathered.shape[dim], layout=layout, rank=r, world_size=size) for r in range(size)])
+    if size == 1 and torch.equal(order, torch.arange(order.numel())):  # one rank in sequence order: as it is
+        return x_local
     return gathered.index_select(dim, torch.argsort(order).to(gathered.device))
 
 

@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .bench import random_documents
-from .layouts import LAYOUTS, Documents, get_layout
+from .layouts import BALANCED, LAYOUTS, Documents, Packed, for_documents, get_layout
 from .models.llama import PRESETS, LlamaConfig
 from .ring import source_rank
 
@@ -114,7 +114,9 @@ def critical_pairs(layout: str, *, step: int, local_len: int, world_size: int) -
 def document_step_pairs(layout: str, cu_seqlens, world_size: int) -> list[list[int]]:
     """[step][rank]: the (query, key) pairs each rank computes at each ring step, exactly, when a causal
     sequence packs the documents of ``cu_seqlens`` (ring_attention's offsets)."""
-    documents = Documents(layout, cu_seqlens)
+    documents = get_layout(for_documents(layout, tuple(cu_seqlens), world_size))
+    if not isinstance(documents, Packed):
+        documents = Documents(documents, cu_seqlens)
     c = documents.cu_seqlens[-1] // world_size
     documents.check(c * world_size, world_size)
     return [[sum(b.pairs() for b in documents.blocks(r, source_rank(r, step, world_size), c, world_size, True))
@@ -290,11 +292,13 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
     if hardware.flops <= 0 or hardware.bandwidth <= 0 or hardware.latency < 0:
         raise ValueError(f"hardware needs flops > 0, bandwidth > 0 and latency >= 0, got {hardware}")
     for name in layouts:
-        get_layout(name).check(seq_len, sp_degree)
+        get_layout(for_documents(name, None, sp_degree)).check(seq_len, sp_degree)
+    if BALANCED in layouts and cu_seqlens is None:
+        raise ValueError(f"layout {BALANCED!r} orders packed documents: give cu_seqlens (--documents N)")
     nbytes, n = DTYPE_BYTES[dtype], sp_degree
     c = seq_len // n
     if cu_seqlens is not None:
-        cu_seqlens = Documents(layouts[0], cu_seqlens).cu_seqlens
+        cu_seqlens = Documents("contiguous", cu_seqlens).cu_seqlens
         if cu_seqlens[-1] != seq_len:
             raise ValueError(f"cu_seqlens end at {cu_seqlens[-1]}, but the sequence has {seq_len} tokens")
     critical = {  # per layout, the slowest device's pairs at each step
@@ -368,7 +372,9 @@ def add_parser(subparsers) -> None:
     w.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16",
                    help="activation and K/V dtype (default: %(default)s)")
     w.add_argument("--layouts", metavar="LIST", type=layout_list, default=tuple(LAYOUTS),
-                   help="comma-separated layouts (default: all: contiguous,striped,zigzag)")
+                   help="comma-separated layouts: contiguous, striped, zigzag, and balanced (contiguous shares of the "
+                        "--documents reordered to balance the ranks: balance_documents) "
+                        "(default: contiguous,striped,zigzag)")
     h = p.add_argument_group("hardware (a preset, optionally overridden field by field)")
     h.add_argument("--hardware", choices=sorted(HARDWARE), default="a100-nvlink",
                    help="; ".join(f"{k}: {v.name}, {v.flops / 1e12:g} TFLOP/s, {v.bandwidth / 1e9:g} GB/s"
@@ -390,11 +396,12 @@ def add_parser(subparsers) -> None:
 
 
 def layout_list(text: str) -> tuple[str, ...]:
-    """argparse type: 'striped,contiguous' -> ('striped', 'contiguous'), each a known layout."""
+    """argparse type: 'striped,contiguous' -> ('striped', 'contiguous'), each a known layout or "balanced"."""
     names = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in names if s not in LAYOUTS]
+    known = (*LAYOUTS, BALANCED)
+    unknown = [s for s in names if s not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown layout(s) {unknown or text!r}; choose from {', '.join(LAYOUTS)}")
+        raise argparse.ArgumentTypeError(f"unknown layout(s) {unknown or text!r}; choose from {', '.join(known)}")
     return names
 
 

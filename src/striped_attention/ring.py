@@ -52,7 +52,8 @@ def ring_attention(
             (see :func:`shard` and :func:`positions`).
         k, v: (batch, kv_heads, local_seq, head_dim) with ``heads % kv_heads == 0`` (GQA, MQA). Only
             kv_heads travel around the ring.
-        layout: ``"striped"`` (default), ``"contiguous"``, ``"zigzag"`` or a :class:`Layout`.
+        layout: ``"striped"`` (default), ``"contiguous"``, ``"zigzag"`` or a :class:`Layout`, such as
+            :func:`balance_documents`'s for packed documents (which holds their ``cu_seqlens``).
         group: the sequence-parallel process group; None is the default group, or a world of one rank when
             torch.distributed is not initialized.
         causal: causal masking over the *global* positions; False attends to the whole sequence.
@@ -83,12 +84,23 @@ def ring_attention(
     _check_local(q, k, v, backend)
     ring = _Ring(group)
     if cu_seqlens is not None:
-        lay = Documents.of(lay, cu_seqlens, batch=q.shape[0])
+        lay = _with_documents(lay, cu_seqlens, q.shape[0])
     lay.check(q.shape[2] * ring.size, ring.size)
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     groups = _head_groups(head_groups, k, ring.size)
     ring.check_consistent(q, k, lay, causal, scale, groups)
     return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend, groups)
+
+
+def _with_documents(layout: Layout, cu_seqlens, batch: int) -> Packed:
+    """``layout`` cut at the documents ``cu_seqlens``; a layout that holds its documents already
+    (:func:`layouts.balance_documents`) must hold these."""
+    if not isinstance(layout, Packed):
+        return Documents.of(layout, cu_seqlens, batch=batch)
+    if Documents.of(layout.inner, cu_seqlens, batch=batch).cu_seqlens != layout.cu_seqlens:
+        raise ValueError(f"layout {layout.name!r} holds other documents than cu_seqlens; pass cu_seqlens=None "
+                         "with a layout made for its documents")
+    return layout
 
 
 GROUP_BYTES = 16 * 2**20  # by default, the K/V of one head group in flight stays about this small

@@ -28,7 +28,7 @@ from .bench import (
 )
 from .kernels import default_scale
 from .launch import torch_threads
-from .layouts import LAYOUTS, Documents, get_layout
+from .layouts import LAYOUTS, Documents, Packed, for_documents, get_layout
 from .plan import critical_path_s, ring_transfers, transfer_s
 
 __all__ = ["SimConfig", "SimResult", "simulate", "sweep"]
@@ -184,21 +184,24 @@ def _simulate(cfg: SimConfig, progress, keep_outputs: bool):
     device = torch.device(cfg.device)
     q, k, v, dout = random_inputs(cfg, device)
     scale = default_scale(cfg.head_dim)
+    cu_seqlens = random_documents(cfg.seq_len, cfg.documents, cfg.seed)
+    layouts = {}
+    for name in cfg.layouts:
+        layout = get_layout(for_documents(name, cu_seqlens, cfg.world_size))
+        layouts[name] = layout if cu_seqlens is None or isinstance(layout, Packed) else Documents(layout, cu_seqlens)
     shards = {
         name: [
-            tuple(t.index_select(2, get_layout(name).positions(cfg.seq_len, r, cfg.world_size).to(device)).contiguous()
+            tuple(t.index_select(2, layout.positions(cfg.seq_len, r, cfg.world_size).to(device)).contiguous()
                   for t in (q, k, v, dout))
             for r in range(cfg.world_size)
         ]
-        for name in cfg.layouts
+        for name, layout in layouts.items()
     }
     itemsize = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
     c = cfg.seq_len // cfg.world_size
     kv_bytes = 2 * cfg.batch * cfg.kv_heads * c * cfg.head_dim * itemsize
     grad_bytes = 2 * cfg.batch * cfg.kv_heads * c * cfg.head_dim * 4  # dK/dV travel in float32
 
-    cu_seqlens = random_documents(cfg.seq_len, cfg.documents, cfg.seed)
-    layouts = {name: get_layout(name) if cu_seqlens is None else Documents(name, cu_seqlens) for name in cfg.layouts}
     runs = [(name, p) for name in cfg.layouts for p in cfg.passes]
     samples = {key: [] for key in runs}
     outputs = {}
@@ -253,7 +256,7 @@ def _check(cfg: SimConfig) -> None:
     if bad:
         raise ValueError(f"unknown pass(es) {bad}; choose from {PASSES}")
     for name in cfg.layouts:
-        get_layout(name).check(cfg.seq_len, cfg.world_size)
+        get_layout(for_documents(name, None, cfg.world_size)).check(cfg.seq_len, cfg.world_size)
 
 
 def sweep(cfg: SimConfig, world_sizes: list[int], progress=None, *, tokens_per_rank: int | None = None
