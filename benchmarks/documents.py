@@ -2,6 +2,10 @@
 
     python benchmarks/documents.py                          # 65,536 tokens, 2 to 16 ranks, 1 to 64 documents
     python benchmarks/documents.py --ranks 8 --documents 16 --packings 50
+    python benchmarks/documents.py --layouts contiguous striped balanced
+
+Layouts: contiguous, striped, zigzag, and balanced (contiguous shares of the documents in the order
+balance_documents chooses for each packing).
 
 Each token attends causally within its document, as ring_attention(..., cu_seqlens=...) computes it; the
 documents' lengths are random (cuts drawn uniformly, --packings packings per cell, the median reported).
@@ -20,7 +24,7 @@ import argparse
 import statistics
 
 from striped_attention.bench import random_documents
-from striped_attention.layouts import LAYOUTS
+from striped_attention.layouts import BALANCED, LAYOUTS
 from striped_attention.plan import document_step_pairs
 
 
@@ -40,17 +44,19 @@ def main(argv=None) -> None:
                    help="documents per sequence (default: 1 4 16 64)")
     p.add_argument("--packings", type=int, default=20, help="random packings per cell (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layouts", nargs="+", choices=[*LAYOUTS, BALANCED], default=list(LAYOUTS),
+                   help="layouts, a column each (default: %(default)s)")
     args = p.parse_args(argv)
     print(f"{args.seq_len} tokens, causal within each document; slowdown against perfect balance, steps / ranks "
           f"(see --help), median over {args.packings} random packings")
-    print("| ranks | documents | " + " | ".join(LAYOUTS) + " |")
-    print("|---:|---:|" + "---:|" * len(LAYOUTS))
+    print("| ranks | documents | " + " | ".join(args.layouts) + " |")
+    print("|---:|---:|" + "---:|" * len(args.layouts))
     for world in args.ranks:
         for documents in args.documents:
             packings = [random_documents(args.seq_len, documents, args.seed + i) or [0, args.seq_len]
                         for i in range(args.packings)]
             cells = []
-            for name in LAYOUTS:
+            for name in args.layouts:
                 steps, ranks = zip(*(slowdowns(name, cu, world) for cu in packings))
                 cells.append(f"{statistics.median(steps):.2f}x / {statistics.median(ranks):.2f}x")
             print(f"| {world} | {documents} | " + " | ".join(cells) + " |", flush=True)

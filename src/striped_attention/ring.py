@@ -437,8 +437,10 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
     for step in range(ring.size):
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
-        dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in kv)
         together, alone = _pieces(q, layout, ring, source, causal, backend)
+        dk = dv = None  # this step's gradients of the K/V block: none without a piece
+        if together or alone or grads_in_flight is None:
+            dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in kv)
         if together:
             varlen.backward_(dq, dk, dv, dout, q, *kv, out, lse, together, scale=scale)
         for blk in alone:
@@ -449,7 +451,7 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
         clock.computed()
         if grads_in_flight is not None:  # what the ranks before us added for this same K/V block
             dk_prev, dv_prev = grads_in_flight.wait()
-            dk, dv = dk_prev.add_(dk), dv_prev.add_(dv)
+            dk, dv = (dk_prev, dv_prev) if dk is None else (dk_prev.add_(dk), dv_prev.add_(dv))
         if ring.size > 1:  # after the last step this sends each block's gradient home
             grads_in_flight = ring.shift((dk, dv), GRAD_TAG)
             dk = dv = None  # the transfer holds what it sends; free the rest now
