@@ -80,6 +80,8 @@ def test_ring_transfers_follow_the_engine():
     assert ring_transfers("fwd", 4, 10, 3) == [10, 10, 10, 0, 0]
     assert ring_transfers("bwd", 4, 10, 3) == [10, 13, 13, 3, 3]  # dK/dV one step behind, then home
     assert ring_transfers("bwd", 1, 10, 3) == [0, 0]
+    assert ring_transfers("bwd", 4, 10, 3, last_step=1) == [10, 3, 0, 0, 3]  # the ring stops after step 1
+    assert ring_transfers("bwd", 4, 10, 3, last_step=0) == [0, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="pass must be"):
         ring_transfers("both", 2, 1, 1)
 

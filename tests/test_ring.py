@@ -45,6 +45,7 @@ def _cases(world):
     cases += [Case(name, causal, cu_seqlens=DOCUMENTS) for name in sorted(LAYOUTS) for causal in (True, False)]
     cases += [Case(name, True, cu_seqlens=DOCUMENTS_PER_ROW) for name in sorted(LAYOUTS)]
     cases += [Case("balanced", causal, cu_seqlens=DOCUMENTS) for causal in (True, False)]  # documents reordered
+    cases += [Case("contiguous", True, cu_seqlens=(0, 12, 24, 36, 48))]  # on 2 and 4 ranks no K/V travel at all
     if world == 2:  # different documents in each row, not causal, and with every row alike given per row
         cases += [Case(name, False, cu_seqlens=DOCUMENTS_PER_ROW) for name in sorted(LAYOUTS)]
         cases += [Case("striped", True, cu_seqlens=(DOCUMENTS, DOCUMENTS))]

@@ -194,6 +194,12 @@ class Packed(Layout):
     def positions(self, seq_len, rank, world_size):
         return self.inner.positions(seq_len, rank, world_size)
 
+    def last_step(self, world_size: int, causal: bool) -> int:
+        """The last ring step at which some rank has a piece to compute (step s pairs rank r with the K/V of
+        rank r - s): the K/V blocks need travel no further. World_size - 1 unless every document lies on
+        few neighbouring ranks (short documents, contiguous shares)."""
+        raise NotImplementedError
+
 
 class Documents(Packed):
     """Documents packed into one sequence: a token attends only to tokens of its own document.
@@ -261,6 +267,30 @@ class Documents(Packed):
             else:  # the first -shift queries see none of these keys
                 yield Block(slice(qa - shift, qb), slice(ka, kb), True)
 
+    def last_step(self, world_size, causal):
+        key = ("last step", world_size, causal)
+        if key not in self._blocks:
+            self._blocks[key] = self._last_step(world_size, causal)
+        return self._blocks[key]
+
+    def _last_step(self, world_size: int, causal: bool) -> int:
+        """Rank r computes against rank s iff they share a document and, causally, one of its keys on s is not
+        after one of its queries on r: per rank and document, the first and last position held decide."""
+        seq_len, bounds = self.cu_seqlens[-1], torch.tensor(self.cu_seqlens)
+        first, last = [], []
+        for r in range(world_size):
+            pos = self.positions(seq_len, r, world_size)
+            doc = torch.searchsorted(bounds, pos, right=True)
+            first.append(torch.full((len(bounds) + 1,), seq_len).scatter_reduce(0, doc, pos, "amin"))
+            last.append(torch.full((len(bounds) + 1,), -1).scatter_reduce(0, doc, pos, "amax"))
+        for step in range(world_size - 1, 0, -1):
+            for r in range(world_size):
+                s = (r - step) % world_size
+                shared = (first[r] <= last[r]) & (first[s] <= last[s])
+                if (shared & (first[s] <= last[r]) if causal else shared).any():
+                    return step
+        return 0
+
     def _documents_of(self, pos: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
         """The document of each local token at global positions ``pos``, checked: a document's tokens are in
         position order."""
@@ -297,6 +327,9 @@ class DocumentsPerRow(Packed):
     def check(self, seq_len, world_size):
         for _, documents in self._runs:
             documents.check(seq_len, world_size)
+
+    def last_step(self, world_size, causal):
+        return max(documents.last_step(world_size, causal) for _, documents in self._runs)
 
     def blocks(self, q_rank, kv_rank, local_len, world_size, causal):
         key = (q_rank, kv_rank, local_len, world_size, causal)

@@ -170,18 +170,21 @@ def _speedup(fractions: dict[str, float], layout: str, *, d_model: int, d_ff: in
     return (linear + fractions["contiguous"] * attention) / (linear + fractions[layout] * attention)
 
 
-def ring_transfers(pass_: str, world_size: int, kv_bytes: float, grad_bytes: float) -> list[float]:
+def ring_transfers(pass_: str, world_size: int, kv_bytes: float, grad_bytes: float,
+                   last_step: int | None = None) -> list[float]:
     """Bytes each rank sends to its neighbour per ring step, as the ring engine sends them.
 
     Returns N + 1 numbers: entry i (< N) overlaps the compute of step i; entry N is sent after the last step
-    and overlaps nothing. Forward: the next K/V block at every step but the last. Backward (``"bwd"``):
+    and overlaps nothing. Forward: the next K/V block at every step before the last. Backward (``"bwd"``):
     also the dK/dV of the previous step's block from step 1 on, and finally the last one going home.
+    ``last_step``: where the ring stops (:func:`ring.last_step`; default N - 1); nothing travels after it.
     """
     if pass_ not in BACKWARD_FACTOR:
         raise ValueError(f"pass must be one of {sorted(BACKWARD_FACTOR)}, got {pass_!r}")
-    sizes = [kv_bytes * (i + 1 < world_size) for i in range(world_size)] + [0.0]
-    if pass_ == "bwd" and world_size > 1:
-        sizes = [b + grad_bytes * (i >= 1) for i, b in enumerate(sizes)]
+    last = world_size - 1 if last_step is None else last_step
+    sizes = [kv_bytes * (i < last) for i in range(world_size)] + [0.0]
+    if pass_ == "bwd" and last > 0:
+        sizes = [b + grad_bytes * (1 <= i <= last or i == world_size) for i, b in enumerate(sizes)]
     return sizes
 
 
@@ -324,7 +327,8 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
         for pass_, factor in BACKWARD_FACTOR.items():
             flops = pair_flops * factor / hardware.flops
             compute = [pairs * flops for pairs in critical[name]]
-            transfers = ring_transfers(pass_, n, c * kv_bytes_per_token, c * grad_bytes_per_token)
+            last = max((i for i, pairs in enumerate(critical[name]) if pairs), default=0)  # the ring stops there
+            transfers = ring_transfers(pass_, n, c * kv_bytes_per_token, c * grad_bytes_per_token, last)
             per_token = kv_bytes_per_token + (grad_bytes_per_token if pass_ == "bwd" else 0)
             steps.append(StepCost(
                 layout=name, pass_=pass_,

@@ -26,7 +26,9 @@ import torch.distributed as dist
 from . import kernels, varlen
 from .layouts import EVERY_ROW, Documents, Layout, Packed, get_layout
 
-__all__ = ["ring_attention", "ring_forward", "ring_backward", "source_rank", "record_steps", "StepTime", "Transfer"]
+__all__ = [
+    "ring_attention", "ring_forward", "ring_backward", "source_rank", "last_step", "record_steps", "StepTime", "Transfer",
+]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 KV_TAG, GRAD_TAG = 0, 1
@@ -249,7 +251,7 @@ def _signature(q, k, layout, causal, scale, head_groups) -> list[int]:
 class Transfer:
     """Tensors in flight from the previous rank; ``wait()`` returns them once they have arrived.
 
-    The engine needs only this and, from its ring, ``rank``, ``size`` and ``shift(tensors, tag) -> Transfer``:
+    The engine needs only this and, from its ring, ``rank``, ``size`` and ``shift(tensors, tag, by=1) -> Transfer``:
     the simulator plays every rank in one process by handing the engine a ring of its own.
     """
 
@@ -284,16 +286,20 @@ class _Ring:
         # GPU, as in tests; NCCL is the fast way)
         self.via_host = dist.get_backend(self.group) == "gloo"
 
-    def shift(self, tensors: tuple[torch.Tensor, ...], tag: int) -> Transfer:
-        """Send ``tensors`` to the next rank and receive the previous rank's, without blocking."""
+    def shift(self, tensors: tuple[torch.Tensor, ...], tag: int, by: int = 1) -> Transfer:
+        """Send ``tensors`` to the rank ``by`` places on (the next one by default) and receive those of the rank
+        ``by`` places back, without blocking."""
+        to, source = self.next, self.prev
+        if by != 1:
+            to, source = (dist.get_global_rank(self.group, (self.rank + d) % self.size) for d in (by, -by))
         tensors = tuple(t.contiguous() for t in tensors)
         device = tensors[0].device
         via_host = self.via_host and device.type != "cpu"
         if via_host:
             tensors = tuple(t.cpu() for t in tensors)
         received = tuple(torch.empty_like(t) for t in tensors)
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in received]
+        ops = [dist.P2POp(dist.isend, t, to, self.group, tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, source, self.group, tag) for t in received]
         return Transfer(dist.batch_isend_irecv(ops), received, tensors, device if via_host else None)
 
     def check_consistent(self, q, k, layout, causal, scale, head_groups) -> None:
@@ -366,9 +372,10 @@ def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
     out = lse = None
     every_query = slice(0, q.shape[2])
     kv, clock = (k, v), _StepClock("forward", q.device)
-    for step in range(ring.size):
+    last = last_step(layout, ring.size, causal)
+    for step in range(last + 1):
         source = source_rank(ring.rank, step, ring.size)
-        incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
+        incoming = ring.shift(kv, KV_TAG) if step < last else None
         together, alone = _pieces(q, layout, ring, source, causal, backend)
         if together:
             if out is None:
@@ -420,6 +427,14 @@ def _land(dk, dv, kv_heads: slice, going_home: Transfer) -> None:
     dk[:, kv_heads], dv[:, kv_heads] = going_home.wait()
 
 
+def last_step(layout: Layout, world_size: int, causal: bool) -> int:
+    """The ring's last step: N - 1, or earlier where packed documents leave the steps after it without a piece
+    on every rank; the K/V blocks travel no further (:meth:`layouts.Packed.last_step`)."""
+    if world_size == 1:
+        return 0
+    return layout.last_step(world_size, causal) if isinstance(layout, Packed) else world_size - 1
+
+
 def _pieces(q, layout: Layout, ring: _Ring, source: int, causal: bool, backend: str):
     """(varlen calls, blocks): what this rank computes against ``source``'s keys. Packed documents' small pieces
     go to varlen calls (per batch row and round) where the kernels allow (:mod:`varlen`); the rest one block at
@@ -430,13 +445,15 @@ def _pieces(q, layout: Layout, ring: _Ring, source: int, causal: bool, backend: 
 
 def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal: bool, scale: float, backend: str):
     """One pass around the ring: dq in the accumulation dtype, and a Transfer that brings this rank's own
-    dK/dV home (in flight from the previous rank after the last step; already here on a ring of one)."""
+    dK/dV home (in flight after the last step from the rank that computed with them last; already here when
+    no other rank did)."""
     acc = kernels.acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv, grads_in_flight, clock = (k, v), None, _StepClock("backward", q.device)
-    for step in range(ring.size):
+    last = last_step(layout, ring.size, causal)
+    for step in range(last + 1):
         source = source_rank(ring.rank, step, ring.size)
-        incoming = ring.shift(kv, KV_TAG) if step + 1 < ring.size else None
+        incoming = ring.shift(kv, KV_TAG) if step < last else None
         together, alone = _pieces(q, layout, ring, source, causal, backend)
         dk = dv = None  # this step's gradients of the K/V block: none without a piece
         if together or alone or grads_in_flight is None:
@@ -452,8 +469,8 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
         if grads_in_flight is not None:  # what the ranks before us added for this same K/V block
             dk_prev, dv_prev = grads_in_flight.wait()
             dk, dv = (dk_prev, dv_prev) if dk is None else (dk_prev.add_(dk), dv_prev.add_(dv))
-        if ring.size > 1:  # after the last step this sends each block's gradient home
-            grads_in_flight = ring.shift((dk, dv), GRAD_TAG)
+        if last > 0:  # on to the rank that computes this block next; after the last step, home to its owner
+            grads_in_flight = ring.shift((dk, dv), GRAD_TAG, by=1 if step < last else ring.size - last)
             dk = dv = None  # the transfer holds what it sends; free the rest now
         if incoming is not None:
             kv = incoming.wait()

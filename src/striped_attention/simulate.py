@@ -139,7 +139,7 @@ class _VirtualRing:
     def __init__(self, rank: int, size: int, kv_by_rank: list[tuple[torch.Tensor, torch.Tensor]]):
         self.rank, self.size, self.kv_by_rank, self.step = rank, size, kv_by_rank, 0
 
-    def shift(self, tensors, tag):
+    def shift(self, tensors, tag, by=1):
         if tag == ring_engine.KV_TAG:
             self.step += 1
             received = self.kv_by_rank[ring_engine.source_rank(self.rank, self.step, self.size)]
@@ -222,18 +222,21 @@ def _simulate(cfg: SimConfig, progress, keep_outputs: bool):
         compute = {}
         for pass_ in ("forward", "backward")[: 1 + (p == "fwd+bwd")]:
             compute[pass_] = [
-                [statistics.median(_step_seconds(rec[r], pass_)[i] for rec in reps) * 1e3 for i in range(n)]
+                [statistics.median(_step_seconds(rec[r], pass_, n)[i] for rec in reps) * 1e3 for i in range(n)]
                 for r in range(n)
             ]
-        sent = {pass_: ring_transfers("bwd" if pass_ == "backward" else "fwd", cfg.world_size, kv_bytes, grad_bytes)
+        last = ring_engine.last_step(layouts[name], n, cfg.causal)
+        sent = {pass_: ring_transfers("bwd" if pass_ == "backward" else "fwd", n, kv_bytes, grad_bytes, last)
                 for pass_ in compute}
         results.append(SimResult(name, p, cfg.world_size, cfg.seq_len, compute, bandwidth_gbs=cfg.bandwidth_gbs,
                                  latency_us=cfg.latency_us, transfer_bytes=sent))
     return (results, outputs) if keep_outputs else results
 
 
-def _step_seconds(recorded, pass_: str) -> list[float]:
-    return [s.compute_s for s in recorded if s.pass_ == pass_]
+def _step_seconds(recorded, pass_: str, world_size: int) -> list[float]:
+    """Compute seconds of each of the N steps; none after the ring's last."""
+    times = [s.compute_s for s in recorded if s.pass_ == pass_]
+    return times + [0.0] * (world_size - len(times))
 
 
 def _check(cfg: SimConfig) -> None:
