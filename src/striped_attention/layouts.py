@@ -374,45 +374,53 @@ class DocumentOrder(Contiguous):
         return f"DocumentOrder(order={list(self.order)})"
 
 
-def balance_documents(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, seed: int = 0) -> Documents:
+def balance_documents(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, seed: int = 0,
+                      tries: int | None = None) -> Documents:
     """A layout for the packed documents ``cu_seqlens`` (one set for every row, as ring_attention takes them)
     on ``world_size`` ranks: contiguous shares of the documents put in an order that balances the ranks'
     (query, key) pairs at each ring step. Short documents stay whole on a rank, where striped cuts every
     document into a small piece on every rank at every step (which costs kernel calls and merges on a GPU).
-
-    The order minimizes the critical path: the sum over steps of the busiest rank's pairs, with the documents'
-    masks. From the largest documents dealt to the least loaded rank, swaps of two documents that shorten it
-    are kept (a fixed number of tries, seeded: every rank computes the same order). Pass the result as
-    ``layout`` to :func:`shard`, :func:`positions` and ``ring_attention`` (without ``cu_seqlens``: it holds them).
     Long documents (many ranks' shares) still cost what they cost contiguous; striped balances those.
+
+    The order shortens the critical path, the sum over steps of the busiest rank's pairs: from the largest
+    documents dealt to the least loaded rank (or the given order, if better), swaps of two documents that
+    shorten it are kept; ``tries`` swaps (default 50 per document, at most 400,000 / documents, at least 200),
+    drawn with ``seed``, so every rank computes the same order. Pass the result as ``layout`` to
+    :func:`shard`, :func:`positions` and ``ring_attention`` (no ``cu_seqlens`` needed: it holds them).
     """
     if _rows_of_offsets(cu_seqlens) is not None:
         raise ValueError("balance_documents orders one set of documents for every row of the batch; rows with "
                          "documents of their own would each need their own order")
     offsets = _offsets(cu_seqlens)
-    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
     Contiguous().check(offsets[-1], world_size)
-    share = offsets[-1] // world_size
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if tries is None:
+        tries = max(200, min(50 * len(lengths), 400_000 // max(len(lengths), 1)))
+    order = _balanced_order(lengths, offsets[-1] // world_size, world_size, random.Random(seed), tries)
+    return Documents(DocumentOrder(offsets, order), offsets)
+
+
+def _balanced_order(lengths: list[int], share: int, world_size: int, rng: random.Random, tries: int) -> list[int]:
+    """Document indices in the order balance_documents lays them out (see there)."""
+    cost = lambda order: _critical_pairs([lengths[d] for d in order], share, world_size)  # noqa: E731
     load, ranks = [0] * world_size, [[] for _ in range(world_size)]
     for d in sorted(range(len(lengths)), key=lambda d: -lengths[d]):
         r = min(range(world_size), key=lambda r: load[r])
         ranks[r].append(d)
         load[r] += lengths[d] * (lengths[d] + 1) // 2
-    order = min(([d for rank in ranks for d in rank], list(range(len(lengths)))),  # or as packed, if better
-                key=lambda o: _critical_pairs([lengths[d] for d in o], share, world_size))
-    best = _critical_pairs([lengths[d] for d in order], share, world_size)
-    rng = random.Random(seed)
-    for _ in range(max(200, min(50 * len(order), 400_000 // max(len(order), 1)))):
+    order = min([d for rank in ranks for d in rank], list(range(len(lengths))), key=cost)
+    best = cost(order)
+    for _ in range(tries):
         i, j = rng.randrange(len(order)), rng.randrange(len(order))
         if lengths[order[i]] == lengths[order[j]]:
             continue
         order[i], order[j] = order[j], order[i]
-        cost = _critical_pairs([lengths[d] for d in order], share, world_size)
-        if cost <= best:
-            best = cost
+        tried = cost(order)
+        if tried <= best:
+            best = tried
         else:
             order[i], order[j] = order[j], order[i]
-    return Documents(DocumentOrder(offsets, order), offsets)
+    return order
 
 
 BALANCED = DocumentOrder.name
