@@ -187,6 +187,7 @@ class Packed(Layout):
         self.cu_seqlens = cu_seqlens
         self.checksum = zlib.crc32(repr(cu_seqlens).encode())  # what the ranks compare
         self._blocks: dict[tuple, tuple[Block, ...]] = {}
+        self._last_steps: dict[tuple[int, bool], int] = {}
 
     def divisor(self, world_size):
         return self.inner.divisor(world_size)
@@ -268,10 +269,9 @@ class Documents(Packed):
                 yield Block(slice(qa - shift, qb), slice(ka, kb), True)
 
     def last_step(self, world_size, causal):
-        key = ("last step", world_size, causal)
-        if key not in self._blocks:
-            self._blocks[key] = self._last_step(world_size, causal)
-        return self._blocks[key]
+        if (world_size, causal) not in self._last_steps:
+            self._last_steps[world_size, causal] = self._last_step(world_size, causal)
+        return self._last_steps[world_size, causal]
 
     def _last_step(self, world_size: int, causal: bool) -> int:
         """Rank r computes against rank s iff they share a document and, causally, one of its keys on s is not

@@ -27,7 +27,8 @@ from . import kernels, varlen
 from .layouts import EVERY_ROW, Documents, Layout, Packed, get_layout
 
 __all__ = [
-    "ring_attention", "ring_forward", "ring_backward", "source_rank", "last_step", "record_steps", "StepTime", "Transfer",
+    "ring_attention", "ring_forward", "ring_backward", "source_rank", "last_step", "record_steps", "StepTime",
+    "Transfer",
 ]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

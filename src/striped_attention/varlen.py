@@ -4,12 +4,13 @@ A kernel call on a GPU costs 90-160 us whatever its size (launches and set-up ar
 H200, README), so packed short documents, whose pieces are many and small, spent their steps calling. The
 varlen kernel computes many sequences of packed (token, heads, head_dim) tensors in one launch: each small
 piece of a step becomes one of its sequences, taken from the local tensors of its batch row (a view where
-the sequences' tokens are one run, else a gather), and its results are merged back where the piece lies. The kernel aligns a causal mask at the bottom right and the
-pieces are top-left aligned, so a causal piece that is not square goes as a causal square and a dense
-rectangle: per batch row one call for the causal sequences and one for the dense. Where causal squares are
-one query apart, that query joins the next square and sees no key, so the queries are one run (a view). A query
-merged twice in one call would lose one of its results, so sequences that share queries go to separate calls
-("rounds"; the packed layouts never need a second one).
+the sequences' tokens are one run, else a gather), and its results are merged back where the piece lies.
+The kernel aligns a causal mask at the bottom right and the pieces are top-left aligned, so a causal piece
+that is not square goes as a causal square and a dense rectangle: per batch row one call for the causal
+sequences and one for the dense. Where causal squares are one query apart, that query joins the next square
+and sees no key, so the queries are one run (a view). A query merged twice in one call would lose one of its
+results, so sequences that share queries go to separate calls ("rounds"; the packed layouts never need a
+second one).
 
 Shapes as in :mod:`kernels`: q (batch, heads, len, d); k, v (batch, kv_heads, len, d); the running sums
 out (like q, float32) and lse (batch, heads, len); pieces are :class:`layouts.Block`.
