@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,14 +18,18 @@ def test_attention_example_under_torchrun():
     assert float(line.split("max error ")[1].split(",")[0]) < 1e-5, line
 
 
-def test_attention_example_with_packed_documents():
-    """--documents: an empty document among them, the rest of the sequence last; checked document by document."""
+@pytest.mark.parametrize("balance", [False, True], ids=["striped", "balanced"])
+def test_attention_example_with_packed_documents(balance):
+    """--documents: an empty document among them, the rest of the sequence last; checked document by document
+    (--balance: the documents whole on the ranks, reordered)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "examples" / "attention.py"), "--seq-len", "1024", "--documents", "300,0,17"]
+           str(ROOT / "examples" / "attention.py"), "--seq-len", "1024", "--documents", "300,0,17",
+           *["--balance"] * balance]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     line = [s for s in done.stdout.splitlines() if "max error" in s][-1]
     assert "in 4 documents" in line and float(line.split("max error ")[1].split(",")[0]) < 1e-5, line
+    assert ("balanced" in line) == balance, line
 
 
 def test_kernels_benchmark_tables(capsys):
