@@ -31,7 +31,7 @@ import torch
 from striped_attention import train as T
 from striped_attention.bench import Progress, random_documents, timed_ms
 from striped_attention.launch import init_distributed, launch, under_torchrun
-from striped_attention.layouts import LAYOUTS
+from striped_attention.layouts import BALANCED, LAYOUTS, for_documents, positions
 from striped_attention.models import PRESETS, get_config
 from striped_attention.plan import max_training_speedup
 
@@ -44,8 +44,11 @@ def measure(cfg: T.TrainConfig, layouts: tuple[str, ...], warmup: int, repeats: 
     par = T.Parallel.build(cfg.dp, device)
     model, optimizer = T.build_model_and_optimizer(cfg, device)
     ids, labels = T.training_batch(T.load_corpus(cfg.data, val_percent=cfg.val_percent), 1, cfg)
-    batches = {name: (*T.local_batch(ids.to(device), labels.to(device), layout=name, par=par)[:3], cu_seqlens)
-               for name in layouts}
+    batches = {}
+    for name in layouts:  # every row packs the same documents, so balanced has one order for the batch
+        layout = for_documents(name, cu_seqlens, par.cp)
+        pos = positions(cfg.seq_len, layout=layout, rank=par.cp_rank, world_size=par.cp).to(device)
+        batches[name] = T.LocalBatch(ids[:, pos].to(device), labels[:, pos].to(device), pos, cu_seqlens, layout)
     lead = par.cp_rank == 0 and par.dp_rank == 0
     progress = Progress("train bench") if show_progress and lead else None
     times = {name: [] for name in layouts}
@@ -54,7 +57,7 @@ def measure(cfg: T.TrainConfig, layouts: tuple[str, ...], warmup: int, repeats: 
         order = layouts[rnd % len(layouts):] + layouts[: rnd % len(layouts)]
         for i, name in enumerate(order):
             def step(name=name):
-                T.train_step(model, optimizer, batches[name], layout=name, par=par, lr=cfg.lr,
+                T.train_step(model, optimizer, batches[name], par=par, lr=cfg.lr,
                              grad_clip=cfg.grad_clip, dtype=cfg.dtype)
 
             ms = timed_ms(step, device)
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="sequences per step")
     p.add_argument("--dtype", default="float32", choices=T.DTYPES, help="compute dtype")
     p.add_argument("--layouts", default=",".join(("contiguous", "striped", "zigzag")),
-                   help=f"comma-separated layouts to compare, from {sorted(LAYOUTS)}; the first is the reference")
+                   help=f"comma-separated layouts to compare, from {[*sorted(LAYOUTS), BALANCED]} (balanced: with "
+                        "--documents); the first is the reference")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds (one step of every layout each) first")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median step time is reported")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: gloo ranks; cuda: one GPU per rank")
@@ -88,14 +92,16 @@ def main(argv=None) -> int:
     if not 1 <= args.documents <= args.seq_len:
         p.error(f"--documents must be from 1 to --seq-len ({args.seq_len}), got {args.documents}")
     for name in layouts:
-        if name not in LAYOUTS:
-            p.error(f"unknown layout {name!r} in --layouts; choose from {sorted(LAYOUTS)}")
+        if name not in (*LAYOUTS, BALANCED):
+            p.error(f"unknown layout {name!r} in --layouts; choose from {[*sorted(LAYOUTS), BALANCED]}")
+    if BALANCED in layouts and args.documents == 1:
+        p.error(f"layout {BALANCED!r} orders packed documents: give --documents N")
     cfg = T.TrainConfig(
         model=args.model, seq_len=args.seq_len, batch=args.batch, world_size=args.world_size, dtype=args.dtype,
-        device=args.device, layout=layouts[0], progress=False,
+        device=args.device, layout=for_documents(layouts[0], None, 1), progress=False,
     )
-    for name in layouts:
-        T.TrainConfig(**{**cfg.__dict__, "layout": name})  # every layout must fit the sequence length
+    for name in layouts:  # every layout must fit the sequence length
+        T.TrainConfig(**{**cfg.__dict__, "layout": for_documents(name, None, 1)})
     model = get_config(cfg.model)
     flops = model.training_flops_per_token(cfg.seq_len)
     share = flops["attention"] / sum(flops.values())

@@ -58,7 +58,7 @@ def first_step_gradients(cfg: T.TrainConfig, par: T.Parallel) -> torch.Tensor:
     model, _ = T.build_model_and_optimizer(cfg, device)
     ids, labels = T.training_batch(T.load_corpus(cfg.data, val_percent=cfg.val_percent), 1, cfg)
     batch = T.local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par)
-    T.local_loss(model, batch, layout=cfg.layout, par=par, dtype=cfg.dtype).backward()
+    T.local_loss(model, batch, par=par, dtype=cfg.dtype).backward()
     grads = [p.grad for p in model.parameters()]
     par.average_(grads)
     return torch.cat([g.reshape(-1) for g in grads])
@@ -155,7 +155,7 @@ def test_labels_are_next_tokens_taken_before_sharding():
         got_ids, got_labels = torch.zeros_like(ids), torch.zeros_like(labels)
         for rank in range(2):
             par = T.Parallel(dp=1, cp=2, cp_rank=rank)
-            i, lab, pos, cu_seqlens = T.local_batch(ids, labels, layout=layout, par=par)
+            i, lab, pos, cu_seqlens, _ = T.local_batch(ids, labels, layout=layout, par=par)
             assert i.shape == (2, 8) and pos.shape == (8,) and cu_seqlens is None
             assert torch.equal(lab, i + 1)  # every local token keeps its label, also at shard edges
             got_ids[:, pos], got_labels[:, pos] = i, lab
@@ -166,7 +166,7 @@ def test_files_in_a_window_are_its_documents():
     ids = torch.tensor([[5, 0, 7, 7, 0, 0, 1, 0], [1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 1, 1, 1, 1, 1, 1]])
     assert T.file_offsets(ids) == [[0, 2, 5, 6, 8], [0, 8], [0, 1, 8]]  # a file ends with its 0 byte
     par = T.Parallel(dp=3, cp=2, dp_rank=2, cp_rank=1)
-    assert T.local_batch(ids, ids, layout="striped", par=par, documents=True)[3] == [[0, 1, 8]]  # this replica's row
+    assert T.local_batch(ids, ids, layout="striped", par=par, documents=True).cu_seqlens == [[0, 1, 8]]  # its row
 
 
 def _small_files(directory) -> str:
@@ -195,8 +195,9 @@ def test_documents_attend_within_each_file():
     assert relative(packed, alone) < 1e-6 and relative(whole, alone) > 1e-3
 
 
-def run_documents(data: str) -> list[dict]:
-    cfg = replace(BASE, world_size=2, data=data, documents=True, seq_len=512, steps=4, eval_every=2)
+def run_documents(data: str, layout: str = BASE.layout, batch: int = BASE.batch) -> list[dict]:
+    cfg = replace(BASE, world_size=2, data=data, documents=True, seq_len=512, steps=4, eval_every=2, layout=layout,
+                  batch=batch)
     return T.train_on_rank(cfg, T.Parallel.build(1, torch.device("cpu")))
 
 
@@ -208,6 +209,14 @@ def test_two_ranks_reproduce_the_one_rank_curve_with_documents(tmp_path):
     plain = T.train_on_rank(replace(BASE, data=data, seq_len=512, steps=4, eval_every=2))
     assert abs(want[-1]["loss"] / plain[-1]["loss"] - 1) > 1e-3  # the documents change what is learned
     for records in run_ranks(run_documents, 2, data):
+        assert_same_curve(records, tuple(want))
+
+
+def test_balanced_files_reproduce_the_one_rank_curve(tmp_path):
+    """--layout balanced: each row's files whole on the cp ranks, reordered; the same curve as one rank."""
+    data = _small_files(tmp_path)
+    want = T.train_on_rank(replace(BASE, data=data, documents=True, seq_len=512, steps=4, eval_every=2, batch=1))
+    for records in run_ranks(run_documents, 2, data, "balanced", 1):
         assert_same_curve(records, tuple(want))
 
 
@@ -382,6 +391,8 @@ def test_threads_apply_to_a_single_process_run_and_are_restored(monkeypatch):
         (dict(world_size=2, layout="zigzag", seq_len=258), "sequence length 258 must be a positive multiple of 4"),
         (dict(model="huge"), "unknown model preset"),
         (dict(layout="ring"), "unknown layout"),
+        (dict(layout="balanced"), r"layout 'balanced' reorders the files of one row per replica: it needs documents"),
+        (dict(layout="balanced", documents=True), r"batch equal to dp \(1\), got documents=True, batch=2"),
         (dict(dtype="float16"), "dtype must be one of"),
         (dict(resume=True), "resume needs checkpoint_dir"),
         (dict(steps=0), "steps must be >= 1"),

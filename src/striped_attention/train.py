@@ -35,18 +35,19 @@ import time
 import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .bench import Progress
-from .layouts import LAYOUTS, get_layout, positions
+from .layouts import BALANCED, LAYOUTS, Layout, for_documents, get_layout, positions
 from .models.llama import PRESETS, Llama, get_config
 
 __all__ = [
     "TrainConfig", "Parallel", "Corpus", "load_corpus", "batch_indices", "sequence_batch", "training_batch",
-    "file_offsets", "local_batch",
+    "file_offsets", "LocalBatch", "local_batch",
     "learning_rate", "train_step", "evaluate", "save_checkpoint", "load_checkpoint", "resumable_state",
     "train_on_rank", "run",
 ]
@@ -93,7 +94,7 @@ class TrainConfig:
 
     def __post_init__(self):
         get_config(self.model)
-        get_layout(self.layout)
+        layout = get_layout(for_documents(self.layout, None, 1))
         for name in ("seq_len", "batch", "world_size", "dp", "steps", "eval_batches", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -106,7 +107,10 @@ class TrainConfig:
             raise ValueError(f"dp ({self.dp}) must divide world_size ({self.world_size})")
         if self.batch % self.dp:
             raise ValueError(f"batch ({self.batch}) must be a multiple of dp ({self.dp}): each replica takes batch/dp")
-        get_layout(self.layout).check(self.seq_len, self.cp)
+        layout.check(self.seq_len, self.cp)
+        if self.layout == BALANCED and not (self.documents and self.batch == self.dp):
+            raise ValueError(f"layout {BALANCED!r} reorders the files of one row per replica: it needs documents "
+                             f"and batch equal to dp ({self.dp}), got documents={self.documents}, batch={self.batch}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -252,18 +256,34 @@ def file_offsets(ids: torch.Tensor) -> list[list[int]]:
     return [[0, *((row[:-1] == 0).nonzero().flatten() + 1).tolist(), row.numel()] for row in ids.cpu()]
 
 
-def local_batch(ids: torch.Tensor, labels: torch.Tensor, *, layout: str, par: Parallel, documents: bool = False):
-    """This rank's (ids, labels, positions, cu_seqlens) from the global batch (batch, seq_len).
+class LocalBatch(NamedTuple):
+    """This rank's share of the global batch: ``ids`` and ``labels`` (batch/dp, seq_len/cp), ``positions``
+    (seq_len/cp,) the global positions for RoPE, ``cu_seqlens`` each row's files (or None), and the ``layout``
+    it was sharded with (a name, or the balanced layout of its files)."""
 
-    Rows: this dp replica's batch/dp. Columns: the layout's positions for this cp rank, so ids and labels
-    are (batch/dp, seq_len/cp) and positions (seq_len/cp,) are the global positions, for RoPE. cu_seqlens:
-    with ``documents``, each row's files (:func:`file_offsets`), else None.
+    ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: list[list[int]] | None
+    layout: str | Layout
+
+
+def local_batch(ids: torch.Tensor, labels: torch.Tensor, *, layout: str, par: Parallel,
+                documents: bool = False) -> LocalBatch:
+    """This rank's :class:`LocalBatch` from the global batch (batch, seq_len).
+
+    Rows: this dp replica's batch/dp. Columns: the layout's positions for this cp rank. cu_seqlens: with
+    ``documents``, each row's files (:func:`file_offsets`), else None. Layout ``"balanced"``: the files of the
+    replica's one row reordered to balance the cp ranks (:func:`~striped_attention.balance_documents`).
     """
     rows = ids.shape[0] // par.dp
     mine = slice(par.dp_rank * rows, (par.dp_rank + 1) * rows)
-    pos = positions(ids.shape[1], layout=layout, rank=par.cp_rank, world_size=par.cp).to(ids.device)
     cu_seqlens = file_offsets(ids[mine]) if documents else None
-    return ids[mine][:, pos], labels[mine][:, pos], pos, cu_seqlens
+    if layout == BALANCED and cu_seqlens is not None and len(cu_seqlens) != 1:
+        raise ValueError(f"layout {BALANCED!r} orders one row's files; this replica has {len(cu_seqlens)} rows")
+    lay = for_documents(layout, cu_seqlens and cu_seqlens[0], par.cp)
+    pos = positions(ids.shape[1], layout=lay, rank=par.cp_rank, world_size=par.cp).to(ids.device)
+    return LocalBatch(ids[mine][:, pos], labels[mine][:, pos], pos, cu_seqlens, lay)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,18 +300,18 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def local_loss(model, batch, *, layout: str, par: Parallel, dtype: str) -> torch.Tensor:
-    """Mean cross-entropy (float32 scalar) over this rank's tokens; ``batch`` is local_batch's."""
-    ids, labels, pos, cu_seqlens = batch
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        logits = model(ids, pos, layout=layout, group=par.cp_group, cu_seqlens=cu_seqlens)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+def local_loss(model, batch: LocalBatch, *, par: Parallel, dtype: str) -> torch.Tensor:
+    """Mean cross-entropy (float32 scalar) over this rank's tokens."""
+    with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        logits = model(batch.ids, batch.positions, layout=batch.layout, group=par.cp_group,
+                       cu_seqlens=batch.cu_seqlens)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten())
 
 
-def train_step(model, optimizer, batch, *, layout: str, par: Parallel, lr: float, grad_clip: float, dtype: str):
+def train_step(model, optimizer, batch: LocalBatch, *, par: Parallel, lr: float, grad_clip: float, dtype: str):
     """One update from this rank's ``batch``; returns (mean loss over all ranks' tokens, gradient norm)."""
     optimizer.zero_grad(set_to_none=True)
-    loss = local_loss(model, batch, layout=layout, par=par, dtype=dtype)
+    loss = local_loss(model, batch, par=par, dtype=dtype)
     loss.backward()
     mean_loss = loss.detach().clone().view(1)
     par.average_([p.grad for p in model.parameters()] + [mean_loss])
@@ -311,7 +331,7 @@ def evaluate(model, corpus: Corpus, cfg: TrainConfig, par: Parallel, device: tor
     for chunk in indices.split(cfg.batch):
         ids, labels = sequence_batch(corpus.val, chunk, cfg.seq_len)
         batch = local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par, documents=cfg.documents)
-        losses.append(local_loss(model, batch, layout=cfg.layout, par=par, dtype=cfg.dtype))
+        losses.append(local_loss(model, batch, par=par, dtype=cfg.dtype))
     mean = torch.stack(losses).mean().view(1)
     par.average_([mean])
     return mean.item()
@@ -457,9 +477,7 @@ def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
             ids, labels = training_batch(corpus, step, cfg)
             batch = local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par, documents=cfg.documents)
             lr = learning_rate(step, cfg)
-            loss, norm = train_step(
-                model, optimizer, batch, layout=cfg.layout, par=par, lr=lr, grad_clip=cfg.grad_clip, dtype=cfg.dtype
-            )
+            loss, norm = train_step(model, optimizer, batch, par=par, lr=lr, grad_clip=cfg.grad_clip, dtype=cfg.dtype)
             elapsed = time.perf_counter() - start
             record = {
                 "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "step_s": elapsed,
@@ -534,7 +552,9 @@ def add_parser(subparsers) -> None:
     add("--batch", type=int, default=d.batch, help="sequences per step, over all data-parallel replicas")
     add("--world-size", type=int, default=d.world_size, help="number of local ranks (processes) = dp x cp")
     add("--dp", type=int, default=d.dp, help="data-parallel replicas; world-size/dp ranks share each sequence")
-    add("--layout", default=d.layout, choices=sorted(LAYOUTS), help="how a sequence is split over the cp ranks")
+    add("--layout", default=d.layout, choices=[*sorted(LAYOUTS), BALANCED],
+        help="how a sequence is split over the cp ranks; balanced: each row's files whole, reordered to balance "
+             "the ranks (balance_documents; needs --documents and --batch equal to --dp)")
     add("--steps", type=int, default=d.steps, help="optimizer steps in total (a resumed run stops here too)")
     add("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     add("--min-lr-ratio", type=float, default=d.min_lr_ratio,
