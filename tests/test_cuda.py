@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from ranks import full_inputs, reference, relative_error, run_ranks, sharded_run
 from striped_attention import LAYOUTS, kernels, positions, ring_attention
 from striped_attention.bench import random_inputs
+from striped_attention.layouts import for_documents
 from striped_attention.simulate import SimConfig, simulate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -141,6 +143,8 @@ DOCUMENTS = (0, 7, 100, 101, 250, 384)  # packed documents: causal pieces of une
 PER_ROW = (DOCUMENTS, (0, 200, 384))  # each of the 2 rows its own documents
 SHARED_GPU_CASES = [(name, causal, dtype, docs) for name in sorted(LAYOUTS) for causal in (True, False)
                     for dtype in ("float32", "bfloat16") for docs in (None, DOCUMENTS, PER_ROW)]
+SHARED_GPU_CASES += [("balanced", causal, dtype, DOCUMENTS) for causal in (True, False)
+                     for dtype in ("float32", "bfloat16")]  # balance_documents' layout
 
 
 def run_on_shared_gpu():
@@ -149,7 +153,8 @@ def run_on_shared_gpu():
     for name, causal, dtype, docs in SHARED_GPU_CASES:
         q, k, v, dout = full_inputs(0, 2, 4, 2, 384, 64)
         want = reference(q, k, v, dout, causal, None, docs)
-        got = sharded_run(name, getattr(torch, dtype), q, k, v, dout, device="cuda", causal=causal, cu_seqlens=docs)
+        layout = for_documents(name, docs, dist.get_world_size())
+        got = sharded_run(layout, getattr(torch, dtype), q, k, v, dout, device="cuda", causal=causal, cu_seqlens=docs)
         errors[(name, causal, dtype, docs)] = [relative_error(g, w) for g, w in zip(got, want)]
     return errors
 
