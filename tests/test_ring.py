@@ -13,7 +13,7 @@ import torch
 from ranks import cached, error_of, full_inputs, reference, relative_error, run_ranks, sharded_run
 from striped_attention import LAYOUTS, Block, Layout, kernels, positions, ring_attention, shard, unshard
 from striped_attention.launch import torch_threads
-from striped_attention.layouts import for_documents
+from striped_attention.layouts import DocumentOrder, Documents, for_documents
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,10 @@ def run_checks():
         "peer-documents-none": lambda: ring_attention(
             *(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[0, 2 * c] if rank else None
         ),
+        "peer-order": lambda: ring_attention(  # the same documents in another order on each rank
+            *(t(1, 2, c, 4) for _ in range(3)),
+            layout=Documents(DocumentOrder([0, 3, 9, 2 * c], [[0, 1, 2], [1, 0, 2]][rank]), [0, 3, 9, 2 * c]),
+        ),
     }
     for name, fn in bad.items():
         report[f"bad-{name}"] = error_of(fn)
@@ -208,6 +212,7 @@ BAD = {
     "documents-rows": "cu_seqlens has offsets for 2 rows, but the batch has 1",
     "peer-documents-rows": "ranks disagree on cu_seqlens",
     "peer-documents-none": "ranks disagree on cu_seqlens (rank 0: cu_seqlens=None; rank 1: cu_seqlens=checksum",
+    "peer-order": "ranks disagree on layout",
 }
 
 

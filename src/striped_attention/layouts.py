@@ -358,6 +358,7 @@ class DocumentOrder(Contiguous):
             raise ValueError(f"order must list each of the {len(self.cu_seqlens) - 1} documents once")
         bounds = self.cu_seqlens
         self._positions = torch.cat([torch.arange(bounds[d], bounds[d + 1]) for d in self.order])
+        self._repr = f"DocumentOrder(order={list(self.order)})"  # what the ranks compare (ring_attention)
 
     def check(self, seq_len, world_size):
         super().check(seq_len, world_size)
@@ -371,7 +372,7 @@ class DocumentOrder(Contiguous):
         return self._positions[rank * c:(rank + 1) * c].clone()
 
     def __repr__(self) -> str:
-        return f"DocumentOrder(order={list(self.order)})"
+        return self._repr
 
 
 def balance_documents(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, seed: int = 0,

@@ -238,7 +238,7 @@ def _signature(q, k, layout, causal, scale, head_groups) -> list[int]:
     b, h, n, d = q.shape
     dtype = _DTYPES.index(q.dtype)
     documents = isinstance(layout, Packed)
-    name = zlib.crc32(type(layout.inner if documents else layout).__qualname__.encode())
+    name = zlib.crc32(repr(layout.inner if documents else layout).encode())  # a layout's repr holds its data
     offsets = layout.checksum if documents else -1  # -1: one document
     (scale_bits,) = struct.unpack("<q", struct.pack("<d", scale))
     return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits, head_groups, offsets]
