@@ -170,7 +170,7 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
         per_rank = _gather_objects(_median_steps(steps[key]), n)
         results.append(Result(key[0], key[1], times[key], per_rank, world_size=1 if key[0] == BASELINE else n))
     if cfg.check:
-        _check(cfg, results, layouts, q, k, v, dout, ring, n)
+        _check(cfg, results, layouts, cu_seqlens, q, k, v, dout, ring, n)
     return results
 
 
@@ -201,10 +201,10 @@ def _gather_objects(obj, n):
     return out
 
 
-def _check(cfg, results, layouts, q, k, v, dout, ring, n):
+def _check(cfg, results, layouts, cu_seqlens, q, k, v, dout, ring, n):
     """Max abs error of each layout's output and gradients against single-process SDPA (the whole sequence)."""
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
-    want_out = _sdpa(qf, kf, vf, cfg.causal, cfg.cu_seqlens())
+    want_out = _sdpa(qf, kf, vf, cfg.causal, cu_seqlens)
     want_out.backward(dout)
     want = [want_out.detach(), qf.grad, kf.grad, vf.grad]
     for name in cfg.layouts:
