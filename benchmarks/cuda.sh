@@ -12,7 +12,7 @@
 #   5. `bench` on one rank (NCCL): the ring of one against torch SDPA on the whole sequence;
 #   6. causal triangles of 128 to 4,096 tokens, the pieces packed documents give each rank (cost per pair);
 #   7. `simulate` with 64 packed documents (small pieces: one varlen call per step, and with --backend cudnn a call
-#      per piece) and with 8: 8 virtual ranks, every layout, forward and forward+backward.
+#      per piece) and with 8: 8 virtual ranks, every layout and balanced, forward and forward+backward.
 # Each step has its own time limit and log; a failed step does not stop the others. The summary is last.
 # STEPS="tests kernels" runs only the steps named.
 set -u
@@ -52,10 +52,10 @@ step bench1 60 $py -m striped_attention.cli bench --device cuda --world-size 1 -
 
 # 8 virtual ranks, 131,072 tokens in --documents N packed documents (N follows)
 documents=($py -m striped_attention.cli simulate --device cuda --dtype bfloat16 --world-size 8 --seq-len 131072 \
-    --heads 32 --head-dim 128 --pass both --seed 0 --documents)
-step documents-64 120 "${documents[@]}" 64 --repeats 5
-step documents-64-per-piece 120 "${documents[@]}" 64 --repeats 3 --backend cudnn  # no varlen call: one per piece
-step documents-8 120 "${documents[@]}" 8 --repeats 5
+    --heads 32 --head-dim 128 --pass both --seed 0 --layouts contiguous,striped,zigzag,balanced --documents)
+step documents-64 150 "${documents[@]}" 64 --repeats 5
+step documents-64-per-piece 150 "${documents[@]}" 64 --repeats 3 --backend cudnn  # no varlen call: one per piece
+step documents-8 150 "${documents[@]}" 8 --repeats 5
 step triangles 60 $py benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 16384 --heads 32 --head-dim 128 \
     --repeats 10 --triangles 128 256 1024 4096
 
