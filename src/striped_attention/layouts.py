@@ -444,12 +444,15 @@ def _critical_pairs(lengths: list[int], share: int, world_size: int) -> int:
     start = 0
     for n in lengths:
         end = start + n
-        parts = [(r, min(end, (r + 1) * share) - max(start, r * share))
-                 for r in range(start // share, (end - 1) // share + 1)] if n else []
-        for i, (r, part) in enumerate(parts):
-            steps[0][r] += part * (part + 1) // 2
-            for earlier, before in parts[:i]:
-                steps[r - earlier][r] += part * before
+        first, last = start // share, (end - 1) // share
+        if n and first == last:  # most documents: whole on one rank, its triangle at step 0
+            steps[0][first] += n * (n + 1) // 2
+        elif n:
+            parts = [(r, min(end, (r + 1) * share) - max(start, r * share)) for r in range(first, last + 1)]
+            for i, (r, part) in enumerate(parts):
+                steps[0][r] += part * (part + 1) // 2
+                for earlier, before in parts[:i]:
+                    steps[r - earlier][r] += part * before
         start = end
     return sum(map(max, steps))
 
