@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 __all__ = [
     "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "DocumentsPerRow", "DocumentOrder",
-    "balance_documents", "for_documents", "BALANCED", "LAYOUTS", "get_layout", "positions", "shard", "unshard",
+    "balance_documents", "for_documents", "cut_at_documents", "BALANCED", "LAYOUTS", "get_layout", "positions", "shard", "unshard",
 ]
 
 EVERY_ROW = slice(None)
@@ -435,6 +435,13 @@ def for_documents(name: str, cu_seqlens: Sequence[int] | None, world_size: int) 
         get_layout(name)
         return name
     return "contiguous" if cu_seqlens is None else balance_documents(cu_seqlens, world_size)
+
+
+def cut_at_documents(name: str, cu_seqlens: Sequence[int] | None, world_size: int) -> Layout:
+    """The layout named ``name`` (as :func:`for_documents` takes it) with its pieces cut at the documents
+    ``cu_seqlens`` (None: one sequence), as ring_attention computes them."""
+    layout = get_layout(for_documents(name, cu_seqlens, world_size))
+    return layout if cu_seqlens is None or isinstance(layout, Packed) else Documents(layout, cu_seqlens)
 
 
 def _critical_pairs(lengths: list[int], share: int, world_size: int) -> int:

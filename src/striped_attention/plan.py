@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .bench import random_documents
-from .layouts import BALANCED, LAYOUTS, Documents, Packed, for_documents, get_layout
+from .layouts import BALANCED, LAYOUTS, Documents, cut_at_documents, for_documents, get_layout
 from .models.llama import PRESETS, LlamaConfig
 from .ring import source_rank
 
@@ -114,9 +114,7 @@ def critical_pairs(layout: str, *, step: int, local_len: int, world_size: int) -
 def document_step_pairs(layout: str, cu_seqlens, world_size: int) -> list[list[int]]:
     """[step][rank]: the (query, key) pairs each rank computes at each ring step, exactly, when a causal
     sequence packs the documents of ``cu_seqlens`` (ring_attention's offsets)."""
-    documents = get_layout(for_documents(layout, tuple(cu_seqlens), world_size))
-    if not isinstance(documents, Packed):
-        documents = Documents(documents, cu_seqlens)
+    documents = cut_at_documents(layout, tuple(cu_seqlens), world_size)
     c = documents.cu_seqlens[-1] // world_size
     documents.check(c * world_size, world_size)
     return [[sum(b.pairs() for b in documents.blocks(r, source_rank(r, step, world_size), c, world_size, True))
@@ -324,10 +322,10 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
         balance = 1.0 if name == "contiguous" else 0.5  # steady-step pairs per c^2, for long blocks
         if cu_seqlens:  # as these documents' proportions give it
             balance = critical[name][steady] / (c * c)
+        last = max((i for i, pairs in enumerate(critical[name]) if pairs), default=0)  # the ring stops there
         for pass_, factor in BACKWARD_FACTOR.items():
             flops = pair_flops * factor / hardware.flops
             compute = [pairs * flops for pairs in critical[name]]
-            last = max((i for i, pairs in enumerate(critical[name]) if pairs), default=0)  # the ring stops there
             transfers = ring_transfers(pass_, n, c * kv_bytes_per_token, c * grad_bytes_per_token, last)
             per_token = kv_bytes_per_token + (grad_bytes_per_token if pass_ == "bwd" else 0)
             steps.append(StepCost(

@@ -28,7 +28,7 @@ from .bench import (
 )
 from .kernels import default_scale
 from .launch import torch_threads
-from .layouts import LAYOUTS, Documents, Packed, for_documents, get_layout
+from .layouts import LAYOUTS, cut_at_documents, for_documents, get_layout
 from .plan import critical_path_s, ring_transfers, transfer_s
 
 __all__ = ["SimConfig", "SimResult", "simulate", "sweep"]
@@ -185,10 +185,7 @@ def _simulate(cfg: SimConfig, progress, keep_outputs: bool):
     q, k, v, dout = random_inputs(cfg, device)
     scale = default_scale(cfg.head_dim)
     cu_seqlens = random_documents(cfg.seq_len, cfg.documents, cfg.seed)
-    layouts = {}
-    for name in cfg.layouts:
-        layout = get_layout(for_documents(name, cu_seqlens, cfg.world_size))
-        layouts[name] = layout if cu_seqlens is None or isinstance(layout, Packed) else Documents(layout, cu_seqlens)
+    layouts = {name: cut_at_documents(name, cu_seqlens, cfg.world_size) for name in cfg.layouts}
     shards = {
         name: [
             tuple(t.index_select(2, layout.positions(cfg.seq_len, r, cfg.world_size).to(device)).contiguous()
