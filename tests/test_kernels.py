@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -209,6 +213,21 @@ def test_compiled_cpu_kernel_on_overlapping_and_single_rows():
     _assert_matches_reference(q, overlapping, v, True, 0.2, 1e-5, "auto")
     one = q.as_strided((2, 4, 1, 24), (q.stride(0), q.stride(1), 1, 1))  # one query row, row stride 1 < 24
     _assert_matches_reference(one, k, v, False, 0.2, 1e-5, "auto")
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or os.environ.get("ATEN_CPU_CAPABILITY"),
+                    reason="checks the AVX2 build from a machine whose own build is AVX-512's")
+def test_compiled_cpu_kernel_as_an_avx2_machine_builds_it():
+    """The AVX2 build (its own register blocks: AVX2 has half AVX-512's vector registers) passes this file's
+    kernel checks, with ATen and MKL held to AVX2 as on a machine without AVX-512."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          timeout=120).stdout.strip() == "AVX2"
+    checks = "compiled_cpu_kernel and not avx2 and not threads or blocks_folded or extreme_logits"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__, "-k", checks],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
 
 
 def test_reference_matches_sdpa_in_float64():
