@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from striped_attention import LAYOUTS
+from striped_attention.layouts import BALANCED
 from striped_attention.integrations.transformers import prepare, shard_inputs
 from striped_attention.launch import init_distributed, under_torchrun
 
@@ -36,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--documents", type=int, default=1,
                    help="documents packed into each sequence, cut at random tokens, the same in every row (default 1)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="llama", help="model family (default llama)")
-    p.add_argument("--layout", choices=sorted(LAYOUTS), default="striped", help="sequence layout (default striped)")
+    p.add_argument("--layout", choices=[*sorted(LAYOUTS), BALANCED], default="striped",
+                   help="sequence layout (default striped); balanced: each batch's documents in balance_documents' "
+                        "order, contiguous shares")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (gloo) or cuda (NCCL, a GPU per rank)")

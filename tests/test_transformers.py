@@ -22,7 +22,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from ranks import cached, error_of, relative_error, run_ranks  # noqa: E402
-from striped_attention import LAYOUTS, unshard  # noqa: E402
+from striped_attention import LAYOUTS, balance_documents, unshard  # noqa: E402
 from striped_attention.integrations.transformers import prepare, shard_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,12 +94,14 @@ PACKINGS = {  # name: (each row's documents, what tells shard_inputs about them)
     # global positions and offsets: RoPE sees other positions, attention the same scores
     "offsets-per-row": ((DOCUMENTS, OTHER_DOCUMENTS),
                         {"position_ids": torch.arange(SEQ), "cu_seqlens": [DOCUMENTS, OTHER_DOCUMENTS]}),
+    "offsets-same-rows": ((DOCUMENTS, DOCUMENTS), {"cu_seqlens": list(DOCUMENTS)}),
 }
 
 
 def compare(family: str, layout: str, packing: str | None = None, **call) -> dict[str, float]:
     """Relative errors of the context-parallel run against one process: logits, loss, worst gradient;
-    ``packing`` names packed documents of PACKINGS."""
+    ``packing`` names packed documents of PACKINGS. Layout "balanced" shards each batch in balance_documents'
+    order of its documents (one document: contiguous), so its logits are gathered in that layout."""
     ids, labels = inputs()
     ref = tiny_model(family)
     rows, how = PACKINGS[packing] if packing else (None, {})
@@ -115,10 +117,20 @@ def compare(family: str, layout: str, packing: str | None = None, **call) -> dic
         for p, q in zip(model.parameters(), ref.parameters())
     ]
     return {
-        "logits": relative_error(unshard(got.logits.detach(), layout=layout, dim=1), want_logits.double()),
+        "logits": relative_error(unshard(got.logits.detach(), layout=layout_of_batch(layout, rows), dim=1),
+                                 want_logits.double()),
         "loss": abs(mean_over_ranks(got.loss).item() / want_loss.item() - 1),
         "grad": max(grads),
     }
+
+
+def layout_of_batch(layout: str, rows):
+    """What a batch with documents ``rows`` (one tuple of offsets per row, or None) is sharded in."""
+    import torch.distributed as dist
+
+    if layout != "balanced":
+        return layout
+    return "contiguous" if rows is None else balance_documents(rows[0], dist.get_world_size())
 
 
 def bad_calls(rank: int) -> dict:
@@ -136,7 +148,12 @@ def bad_calls(rank: int) -> dict:
     other_documents = shard_inputs(input_ids=ids, cu_seqlens=[0, 5 + rank, 16, SEQ], layout="striped")
     moved = restarting(DOCUMENTS) + 10 * rank * (torch.arange(SEQ) >= 16)  # the last document, on one rank
     shifted_document = shard_inputs(input_ids=ids, position_ids=moved, cu_seqlens=DOCUMENTS, layout="striped")
+    balanced = prepare(tiny_model("llama"), layout="balanced")
+    per_row = PACKINGS["documents-per-row"][1]
     return {
+        "balanced-rows-differ": lambda: balanced(**shard_inputs(input_ids=ids, layout="striped", **per_row)),
+        "balanced-shard-rows-differ": lambda: shard_inputs(input_ids=ids, layout="balanced", **per_row),
+        "balanced-layout-mismatch": lambda: balanced(**packed),
         "documents-differ": lambda: model(**other_documents),
         "documents-keys-missing": lambda: model(**{k: v for k, v in packed.items() if k != "cu_seq_lens_k"}),
         "documents-missing": lambda: model(**{k: v for k, v in packed.items() if not k.startswith("cu_seq_lens")}),
@@ -154,6 +171,9 @@ def bad_calls(rank: int) -> dict:
 
 
 BAD = {
+    "balanced-rows-differ": "layout 'balanced' orders one set of documents for every row",
+    "balanced-shard-rows-differ": "layout 'balanced' orders one set of documents for every row",
+    "balanced-layout-mismatch": "do not follow layout 'balanced'",
     "documents-differ": "ranks disagree on the batch size or the documents (cu_seq_lens_q)",
     "documents-keys-missing": "cu_seq_lens_q and cu_seq_lens_k must be equal",
     "documents-missing": "do not follow layout 'striped'",
@@ -180,6 +200,9 @@ def run_all():
     for layout in sorted(LAYOUTS):
         for packing in ("same-documents", "documents-per-row"):
             report[(packing, layout)] = compare("llama", layout, packing)
+    report[("same-documents", "balanced")] = compare("qwen2", "balanced", "same-documents")
+    report[("offsets", "balanced")] = compare("llama", "balanced", "offsets-same-rows")
+    report[(None, "balanced")] = compare("mistral", "balanced")
     report["offsets-per-row"] = compare("qwen2", "striped", "offsets-per-row")
     report.update({name: error_of(fn) for name, fn in bad_calls(dist.get_rank()).items()})
     report["after-errors"] = compare("qwen2", "striped")
@@ -206,6 +229,14 @@ def test_logits_loss_and_gradients_match_one_process(family, layout):
 def test_packed_documents_match_each_document_on_its_own(layout, packing):
     for report in reports():
         errors = report[(packing, layout)]
+        assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("packing", ["same-documents", "offsets", None])
+def test_balanced_layout_matches_one_process(packing):
+    """Layout "balanced": each batch sharded in balance_documents' order of its documents, on every layer."""
+    for report in reports():
+        errors = report[(packing, "balanced")]
         assert max(errors.values()) <= TOL, errors
 
 
@@ -284,6 +315,7 @@ def test_world_of_one_serves_packed_documents():
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), position_ids=torch.arange(SEQ - 1)),
          "position_ids must have shape"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), layout="ring"), "unknown layout"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), layout="ring"), "or 'balanced'"),
     ],
 )
 def test_shard_inputs_rejects_bad_arguments(kwargs, message):

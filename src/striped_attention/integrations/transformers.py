@@ -37,6 +37,7 @@ shorter than the sequence, non-causal attention, attention dropout, attention we
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 import zlib
@@ -60,7 +61,9 @@ if Version(transformers.__version__) < Version("4.57"):  # pragma: no cover - de
         f"masks built per attention implementation); found {transformers.__version__}: {_INSTALL}"
     )
 
-from ..layouts import Layout, _group_rank_size, _offsets, _rows_of_offsets, get_layout, positions, shard
+from ..layouts import (
+    BALANCED, Layout, _group_rank_size, _offsets, _rows_of_offsets, for_documents, get_layout, positions, shard,
+)
 from ..ring import ring_attention
 
 __all__ = ["prepare", "shard_inputs", "IGNORE_INDEX"]
@@ -89,8 +92,10 @@ def prepare(model: PreTrainedModel, *, layout: str | Layout = "striped", group: 
     Args:
         model: a transformers model whose attention goes through ``AttentionInterface`` (Llama, Qwen2,
             Mistral and most decoder-only families), e.g. ``LlamaForCausalLM``.
-        layout: ``"striped"`` (default), ``"zigzag"``, ``"contiguous"`` or a :class:`Layout`; must match
-            :func:`shard_inputs`.
+        layout: ``"striped"`` (default), ``"zigzag"``, ``"contiguous"``, a :class:`Layout`, or
+            ``"balanced"``: each batch's packed documents in contiguous shares, in the order
+            :func:`~striped_attention.balance_documents` gives them (one set of documents for every row;
+            one document: contiguous); must match :func:`shard_inputs`.
         group: the context-parallel process group; None is the default group (or one process when
             torch.distributed is not initialized).
 
@@ -98,7 +103,7 @@ def prepare(model: PreTrainedModel, *, layout: str | Layout = "striped", group: 
         ValueError: if the model is not a transformers model, does not use ``AttentionInterface``, is
             configured non-causal or to return attention weights, or the layout is unknown.
     """
-    lay = get_layout(layout)
+    lay = _named(layout)
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if not getattr(model, "_supports_attention_backend", False):
@@ -158,7 +163,8 @@ def shard_inputs(
         cu_seqlens: packed documents as offsets ``[0, len_0, len_0 + len_1, ..., seq]`` (flash-attn's
             convention): one list for every row, or one per row; position ids, if given, may restart only
             where a document starts. Optional: restarting position ids say the same.
-        layout: as given to :func:`prepare`.
+        layout: as given to :func:`prepare`. For ``"balanced"``, :func:`~striped_attention.balance_documents`
+            of the documents is the layout the batch is sharded in (unshard with it).
         group: as given to :func:`prepare`.
 
     Returns:
@@ -168,15 +174,16 @@ def shard_inputs(
         1-D if every row holds the same documents, else (batch, most offsets), a short row padded with ``seq``.
 
     Raises:
-        ValueError: on bad shapes or dtypes, a length the layout cannot split, or position ids that restart
-            inside a document of ``cu_seqlens``.
+        ValueError: on bad shapes or dtypes, a length the layout cannot split, position ids that restart
+            inside a document of ``cu_seqlens``, or rows with different documents for ``"balanced"``.
     """
-    lay = get_layout(layout)
+    named = _named(layout)
     _check_ids("input_ids", input_ids, None)
     batch, seq = input_ids.shape
     rank, size = _group_rank_size(group)
-    lay.check(seq, size)
+    (get_layout("contiguous") if named == BALANCED else named).check(seq, size)
     position_ids, documents = _positions_and_documents(position_ids, cu_seqlens, batch, seq)
+    lay = _layout_of_batch(named, documents, size)
     out = {
         "input_ids": shard(input_ids, layout=lay, dim=1, group=group),
         "position_ids": shard(position_ids.to(input_ids.device), layout=lay, dim=1, group=group),
@@ -212,6 +219,10 @@ _UNSUPPORTED = {
         "position_ids are missing, so the model would number this rank's tokens 0..local_seq-1; "
         "pass the dict from shard_inputs()"
     ),
+    "balanced_rows": (
+        f"layout {BALANCED!r} orders one set of documents for every row, but the rows hold different documents: "
+        "pack the same documents in every row, or use a layout that does not depend on them (striped)"
+    ),
     "softcap": "attention logit softcapping is not supported",
     "s_aux": "attention sinks are not supported",
     "sinks": "attention sinks are not supported",
@@ -227,7 +238,7 @@ _UNSUPPORTED = {
 class _Setup:
     """A ring attention function registered under ``name`` for one (layout, group), and its companions."""
 
-    layout: Layout
+    layout: Layout | str  # a Layout, or BALANCED: each batch's own (_layout_of_batch)
     group: dist.ProcessGroup | None
     name: str
 
@@ -240,9 +251,16 @@ class _Setup:
         """transformers' attention signature: query (batch, heads, local_seq, head_dim), key/value
         (batch, kv_heads, local_seq, head_dim); returns ((batch, local_seq, heads, head_dim), None)."""
         self._check_call(module, query, key, attention_mask, dropout, kwargs)
+        documents = kwargs.get("cu_seq_lens_q")  # packed documents, from shard_inputs (checked by the hook)
+        layout = self.layout
+        if layout == BALANCED:
+            size = _group_rank_size(self.group)[1]
+            rows = [(0, query.shape[2] * size)] if documents is None else (
+                _rows_of_offsets(documents) or [_offsets(documents)])
+            layout = _layout_of_batch(layout, rows, size)
         out = ring_attention(
-            query, key, value, layout=self.layout, group=self.group, causal=True, softmax_scale=scaling,
-            cu_seqlens=kwargs.get("cu_seq_lens_q"),  # packed documents, from shard_inputs (checked by the hook)
+            query, key, value, layout=layout, group=self.group, causal=True, softmax_scale=scaling,
+            cu_seqlens=documents,
         )
         return out.transpose(1, 2).contiguous(), None
 
@@ -333,12 +351,12 @@ class _Setup:
         if len({tuple(row[1:]) for row in table}) > 1:
             raise ValueError(
                 "ranks disagree on the batch size or the documents (cu_seq_lens_q): pass every rank its part of "
-                f"the same batch, from shard_inputs(layout={self.layout.name!r})"
+                f"the same batch, from shard_inputs(layout={_name(self.layout)!r})"
             )
         if offsets is not None and not _agree(offsets, self.group, device):
             raise ValueError(
                 "position_ids disagree between ranks (different offsets): pass every rank its part of the "
-                f"same batch, from shard_inputs(layout={self.layout.name!r})"
+                f"same batch, from shard_inputs(layout={_name(self.layout)!r})"
             )
         return None
 
@@ -367,8 +385,10 @@ class _Setup:
             return "documents", None
         if len(rows) not in (1, batch) or any(row[-1] != seq for row in rows):
             return "documents", None
+        if self.layout == BALANCED and any(row != rows[0] for row in rows):
+            return "balanced_rows", None
         bounds = _offsets_tensor([list(row) for row in rows], seq, "cpu").long().view(len(rows), -1)
-        want = positions(seq, layout=self.layout, rank=rank, world_size=size)
+        want = positions(seq, layout=_layout_of_batch(self.layout, rows, size), rank=rank, world_size=size)
         doc = torch.searchsorted(bounds, want.expand(len(rows), -1).contiguous(), right=True) - 1
         want, doc = want.to(pos.device), doc.to(pos.device).expand(batch, -1)  # (batch, local): document index
         diff = pos.reshape(-1, want.numel()).expand(batch, -1) - want
@@ -382,9 +402,9 @@ class _Setup:
     def _message(self, code: str) -> str:
         if code == "layout":
             return (
-                f"position_ids do not follow layout {self.layout.name!r} within each document: pass the dict from "
-                f"shard_inputs(layout={self.layout.name!r}), the layout given to prepare() (for packed documents it "
-                "also holds their offsets, cu_seq_lens_q and cu_seq_lens_k)"
+                f"position_ids do not follow layout {_name(self.layout)!r} within each document: pass the dict "
+                f"from shard_inputs(layout={_name(self.layout)!r}), the layout given to prepare() (for packed "
+                "documents it also holds their offsets, cu_seq_lens_q and cu_seq_lens_k)"
             )
         return _UNSUPPORTED[code]
 
@@ -395,12 +415,12 @@ _INPUT_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # prepar
 _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
-def _setup_for(layout: Layout, group) -> _Setup:
+def _setup_for(layout: Layout | str, group) -> _Setup:
     """The registered setup for (layout, group), registering a new attention function on first use."""
     for setup in _SETUPS:
         if setup.layout is layout and setup.group is group:
             return setup
-    setup = _Setup(layout, group, f"striped_attention_{layout.name or 'custom'}_{len(_SETUPS)}")
+    setup = _Setup(layout, group, f"striped_attention_{_name(layout) or 'custom'}_{len(_SETUPS)}")
     AttentionInterface.register(setup.name, setup.attention)
     _SETUPS.append(setup)
     return setup
@@ -409,6 +429,37 @@ def _setup_for(layout: Layout, group) -> _Setup:
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _named(layout: str | Layout) -> Layout | str:
+    """``layout`` as a Layout, or BALANCED (a layout per batch, from its documents)."""
+    if isinstance(layout, str) and layout == BALANCED:
+        return BALANCED
+    try:
+        return get_layout(layout)
+    except ValueError as e:
+        raise ValueError(f"{e}, or {BALANCED!r}") from None
+
+
+def _name(layout: Layout | str) -> str:
+    return layout if isinstance(layout, str) else layout.name
+
+
+def _layout_of_batch(layout: Layout | str, rows, world_size: int) -> Layout:
+    """The layout a batch whose rows hold the documents ``rows`` (one list of offsets, or one per row) is
+    sharded in: ``layout``, or for BALANCED the balanced order of the one set of documents."""
+    if layout != BALANCED:
+        return layout
+    if any(list(row) != list(rows[0]) for row in rows):
+        raise ValueError(_UNSUPPORTED["balanced_rows"])
+    return _balanced(tuple(rows[0]), world_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _balanced(offsets: tuple[int, ...], world_size: int) -> Layout:
+    """balance_documents' layout (its search runs once per set of documents, not once per layer); one
+    document: contiguous."""
+    return get_layout(for_documents(BALANCED, offsets if len(offsets) > 2 else None, world_size))
 
 
 def _collective_device(group, device: torch.device) -> torch.device:
