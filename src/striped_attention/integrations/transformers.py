@@ -385,10 +385,12 @@ class _Setup:
             return "documents", None
         if len(rows) not in (1, batch) or any(row[-1] != seq for row in rows):
             return "documents", None
-        if self.layout == BALANCED and any(row != rows[0] for row in rows):
+        try:
+            layout = _layout_of_batch(self.layout, rows, size)
+        except ValueError:
             return "balanced_rows", None
         bounds = _offsets_tensor([list(row) for row in rows], seq, "cpu").long().view(len(rows), -1)
-        want = positions(seq, layout=_layout_of_batch(self.layout, rows, size), rank=rank, world_size=size)
+        want = positions(seq, layout=layout, rank=rank, world_size=size)
         doc = torch.searchsorted(bounds, want.expand(len(rows), -1).contiguous(), right=True) - 1
         want, doc = want.to(pos.device), doc.to(pos.device).expand(batch, -1)  # (batch, local): document index
         diff = pos.reshape(-1, want.numel()).expand(batch, -1) - want
