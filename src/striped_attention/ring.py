@@ -82,9 +82,23 @@ def ring_attention(
 
     Raises:
         ValueError: on inconsistent shapes, dtypes or devices, on this rank or between ranks.
+
+    Under ``torch.compile`` a named layout runs as one opaque op (``striped_attention::ring_forward`` and its
+    backward), so the graph holds it without a break, even with ``fullgraph=True``; pass ``cu_seqlens`` as a
+    tensor there, so new documents do not recompile. A :class:`Layout` instance runs eagerly (a graph break).
     """
-    lay = get_layout(layout)
+    if torch.compiler.is_compiling():
+        return _compiled_ring_attention(q, k, v, layout, group, causal, softmax_scale, cu_seqlens, backend,
+                                        head_groups)
     _check_local(q, k, v, backend)
+    lay, ring, scale, groups = _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups)
+    return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend, groups)
+
+
+def _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups):
+    """(layout, ring, scale, head groups) of a call, checked on this rank and, once per new signature, between
+    the ranks."""
+    lay = get_layout(layout)
     ring = _Ring(group)
     if cu_seqlens is not None:
         lay = _with_documents(lay, cu_seqlens, q.shape[0])
@@ -92,7 +106,7 @@ def ring_attention(
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     groups = _head_groups(head_groups, k, ring.size)
     ring.check_consistent(q, k, lay, causal, scale, groups)
-    return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend, groups)
+    return lay, ring, scale, groups
 
 
 def _with_documents(layout: Layout, cu_seqlens, batch: int) -> Packed:
@@ -477,6 +491,81 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
             kv = incoming.wait()
         clock.waited(step, source)
     return dq, grads_in_flight if grads_in_flight is not None else Transfer([], (dk, dv))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile: the ring as two custom ops whose arguments are tensors, names and numbers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _compiled_ring_attention(q, k, v, layout, group, causal, softmax_scale, cu_seqlens, backend, head_groups):
+    """ring_attention as dynamo traces it: a named layout becomes the op; a Layout instance runs eagerly."""
+    if not isinstance(layout, str):
+        return torch.compiler.disable(ring_attention)(
+            q, k, v, layout=layout, group=group, causal=causal, softmax_scale=softmax_scale,
+            cu_seqlens=cu_seqlens, backend=backend, head_groups=head_groups,
+        )
+    if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64)  # a list: new documents recompile
+    group_name = "" if group is None else group.group_name
+    out, _ = _ring_forward_op(q, k, v, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups)
+    return out
+
+
+def _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups):
+    group = dist.distributed_c10d._resolve_process_group(group_name) if group_name else None
+    documents = None if cu_seqlens is None else cu_seqlens.tolist()
+    return _setup(q, k, layout, group, causal, softmax_scale, documents, head_groups)
+
+
+@torch.library.custom_op("striped_attention::ring_forward", mutates_args=())
+def _ring_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, layout: str, group_name: str,
+    causal: bool, softmax_scale: float | None, backend: str, head_groups: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of ring_attention: out with q's shape and dtype, lse (batch, heads, local_seq) in the
+    accumulation dtype; both contiguous, whatever q's strides, as the fake says."""
+    _check_local(q, k, v, backend)
+    lay, ring, scale, groups = _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups)
+    out, lse = ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), lay, ring, causal, scale, backend, groups)
+    return out.contiguous(), lse.contiguous()
+
+
+@_ring_forward_op.register_fake
+def _(q, k, v, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=kernels.acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("striped_attention::ring_backward", mutates_args=())
+def _ring_backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens: torch.Tensor | None, layout: str, group_name: str, causal: bool, softmax_scale: float | None,
+    backend: str, head_groups: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) with the shapes and dtypes of q, k, v, contiguous."""
+    lay, ring, scale, groups = _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grads = ring_backward(dout.contiguous(), q, k, v, out, lse, lay, ring, causal, scale, backend, groups)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_ring_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_ring_backward(ctx, inputs, output):
+    q, k, v, cu_seqlens, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, *output, *([] if cu_seqlens is None else [cu_seqlens]))
+
+
+def _ring_backward_of_op(ctx, dout, _dlse):
+    q, k, v, out, lse, *documents = ctx.saved_tensors
+    dq, dk, dv = _ring_backward_op(dout, q, k, v, out, lse, *(documents or [None]), *ctx.args)
+    return dq, dk, dv, *([None] * (1 + len(ctx.args)))
+
+
+_ring_forward_op.register_autograd(_ring_backward_of_op, setup_context=_save_for_ring_backward)
 
 
 class _RingAttention(torch.autograd.Function):

@@ -62,7 +62,7 @@ if Version(transformers.__version__) < Version("4.57"):  # pragma: no cover - de
     )
 
 from ..layouts import (
-    BALANCED, Layout, _group_rank_size, _offsets, _rows_of_offsets, for_documents, get_layout, positions, shard,
+    BALANCED, LAYOUTS, Layout, _group_rank_size, _offsets, _rows_of_offsets, for_documents, get_layout, positions, shard,
 )
 from ..ring import ring_attention
 
@@ -181,7 +181,7 @@ def shard_inputs(
     _check_ids("input_ids", input_ids, None)
     batch, seq = input_ids.shape
     rank, size = _group_rank_size(group)
-    (get_layout("contiguous") if named == BALANCED else named).check(seq, size)
+    get_layout("contiguous" if named == BALANCED else named).check(seq, size)
     position_ids, documents = _positions_and_documents(position_ids, cu_seqlens, batch, seq)
     lay = _layout_of_batch(named, documents, size)
     out = {
@@ -238,7 +238,7 @@ _UNSUPPORTED = {
 class _Setup:
     """A ring attention function registered under ``name`` for one (layout, group), and its companions."""
 
-    layout: Layout | str  # a Layout, or BALANCED: each batch's own (_layout_of_batch)
+    layout: str | Layout  # a name (BALANCED: each batch's own, _layout_of_batch), or a Layout of one's own
     group: dist.ProcessGroup | None
     name: str
 
@@ -252,7 +252,7 @@ class _Setup:
         (batch, kv_heads, local_seq, head_dim); returns ((batch, local_seq, heads, head_dim), None)."""
         self._check_call(module, query, key, attention_mask, dropout, kwargs)
         documents = kwargs.get("cu_seq_lens_q")  # packed documents, from shard_inputs (checked by the hook)
-        layout = self.layout
+        layout = self.layout  # a name (under torch.compile, one op in the graph) or a Layout
         if layout == BALANCED:
             size = _group_rank_size(self.group)[1]
             rows = [(0, query.shape[2] * size)] if documents is None else (
@@ -417,10 +417,10 @@ _INPUT_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # prepar
 _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
-def _setup_for(layout: Layout | str, group) -> _Setup:
+def _setup_for(layout: str | Layout, group) -> _Setup:
     """The registered setup for (layout, group), registering a new attention function on first use."""
     for setup in _SETUPS:
-        if setup.layout is layout and setup.group is group:
+        if setup.layout == layout and setup.group is group:
             return setup
     setup = _Setup(layout, group, f"striped_attention_{_name(layout) or 'custom'}_{len(_SETUPS)}")
     AttentionInterface.register(setup.name, setup.attention)
@@ -433,21 +433,23 @@ def _setup_for(layout: Layout | str, group) -> _Setup:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _named(layout: str | Layout) -> Layout | str:
-    """``layout`` as a Layout, or BALANCED (a layout per batch, from its documents)."""
+def _named(layout: str | Layout) -> str | Layout:
+    """``layout`` checked: its name if it has one (BALANCED: a layout per batch, from its documents), else the
+    Layout. ring_attention compiles a named layout into one op under torch.compile."""
     if isinstance(layout, str) and layout == BALANCED:
         return BALANCED
     try:
-        return get_layout(layout)
+        lay = get_layout(layout)
     except ValueError as e:
         raise ValueError(f"{e}, or {BALANCED!r}") from None
+    return lay.name if LAYOUTS.get(lay.name) is lay else lay
 
 
-def _name(layout: Layout | str) -> str:
+def _name(layout: str | Layout) -> str:
     return layout if isinstance(layout, str) else layout.name
 
 
-def _layout_of_batch(layout: Layout | str, rows, world_size: int) -> Layout:
+def _layout_of_batch(layout: str | Layout, rows, world_size: int) -> str | Layout:
     """The layout a batch whose rows hold the documents ``rows`` (one list of offsets, or one per row) is
     sharded in: ``layout``, or for BALANCED the balanced order of the one set of documents."""
     if layout != BALANCED:
