@@ -56,6 +56,8 @@ def _run_all():
     report["strided"] = _compiled_against_eager(as_in_a_model)
     documents = [{"cu_seqlens": torch.tensor(cu)} for cu in ([0, 10, 40, 64], [0, 3, 33, 64], [0, 50, 60, 64])]
     report["documents"] = _compiled_against_eager(attention("zigzag"), calls=documents)
+    rows = {"cu_seqlens": [[0, 10, 40, 64], [0, 64]]}  # lists, one per row, of different lengths
+    report["documents-per-row"] = _compiled_against_eager(attention("striped", causal=False), calls=[rows])
     report["balanced"] = _compiled_against_eager(attention(balance_documents([0, 10, 40, 64], 2)), fullgraph=False)
     bad = torch.compile(attention("striped"), fullgraph=True, backend="aot_eager")
     q, k, v = _inputs()
@@ -78,6 +80,12 @@ def test_named_layout_is_one_op_in_a_full_graph_and_equals_eager(case):
 def test_new_documents_as_a_tensor_do_not_recompile():
     for report in reports():
         worst, frames = report["documents"]  # three sets of three documents, one compiled frame
+        assert worst == 0.0 and frames == 1, (worst, frames)
+
+
+def test_documents_per_row_as_lists():
+    for report in reports():
+        worst, frames = report["documents-per-row"]
         assert worst == 0.0 and frames == 1, (worst, frames)
 
 

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 __all__ = [
     "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "DocumentsPerRow", "DocumentOrder",
-    "balance_documents", "for_documents", "cut_at_documents", "BALANCED", "LAYOUTS", "get_layout", "positions", "shard", "unshard",
+    "balance_documents", "for_documents", "cut_at_documents", "offsets_tensor", "BALANCED", "LAYOUTS", "get_layout",
+    "positions", "shard", "unshard",
 ]
 
 EVERY_ROW = slice(None)
@@ -487,6 +488,17 @@ def _rows_of_offsets(cu_seqlens) -> tuple[tuple[int, ...], ...] | None:
         if isinstance(cu_seqlens[0], (Sequence, torch.Tensor)) and not isinstance(cu_seqlens[0], (str, bytes)):
             return tuple(_offsets(row) for row in cu_seqlens)
     return None
+
+
+def offsets_tensor(rows: Sequence[Sequence[int]], device=None) -> torch.Tensor:
+    """Packed documents' offsets as ring_attention takes them in a tensor: one list (or rows all alike) as a
+    1-D int32 tensor; rows with documents of their own as (batch, most offsets), each row padded with the
+    sequence length (empty documents at the end)."""
+    rows = [list(row) for row in rows]
+    if all(row == rows[0] for row in rows):
+        return torch.tensor(rows[0], dtype=torch.int32, device=device)
+    width = max(map(len, rows))
+    return torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.int32, device=device)
 
 
 def _offsets(cu_seqlens) -> tuple[int, ...]:

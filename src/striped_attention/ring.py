@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import kernels, varlen
-from .layouts import EVERY_ROW, Documents, Layout, Packed, get_layout
+from .layouts import EVERY_ROW, Documents, Layout, Packed, _rows_of_offsets, get_layout, offsets_tensor
 
 __all__ = [
     "ring_attention", "ring_forward", "ring_backward", "source_rank", "last_step", "record_steps", "StepTime",
@@ -505,8 +505,8 @@ def _compiled_ring_attention(q, k, v, layout, group, causal, softmax_scale, cu_s
             q, k, v, layout=layout, group=group, causal=causal, softmax_scale=softmax_scale,
             cu_seqlens=cu_seqlens, backend=backend, head_groups=head_groups,
         )
-    if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
-        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64)  # a list: new documents recompile
+    if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):  # lists: new documents recompile
+        cu_seqlens = offsets_tensor(_rows_of_offsets(cu_seqlens) or [cu_seqlens])
     group_name = "" if group is None else group.group_name
     out, _ = _ring_forward_op(q, k, v, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups)
     return out

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .bench import Progress
-from .layouts import BALANCED, LAYOUTS, Layout, for_documents, get_layout, positions
+from .layouts import BALANCED, LAYOUTS, Layout, for_documents, get_layout, offsets_tensor, positions
 from .models.llama import PRESETS, Llama, get_config
 
 __all__ = [
@@ -90,6 +90,7 @@ class TrainConfig:
     resume: bool = False
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads of each rank; None: 1 per CPU rank of several, else torch's
+    compile: str | None = None  # torch.compile the model with this backend ("inductor", ...); None: eager
     progress: bool = True
 
     def __post_init__(self):
@@ -119,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"val_percent must be in (0, 100), got {self.val_percent}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs checkpoint_dir")
+        if self.compile is not None and self.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"unknown torch.compile backend {self.compile!r}; choose one of "
+                             f"{', '.join(torch._dynamo.list_backends())}")
 
     @property
     def cp(self) -> int:
@@ -302,9 +306,9 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 def local_loss(model, batch: LocalBatch, *, par: Parallel, dtype: str) -> torch.Tensor:
     """Mean cross-entropy (float32 scalar) over this rank's tokens."""
+    documents = None if batch.cu_seqlens is None else offsets_tensor(batch.cu_seqlens)  # a tensor: no recompiles
     with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        logits = model(batch.ids, batch.positions, layout=batch.layout, group=par.cp_group,
-                       cu_seqlens=batch.cu_seqlens)
+        logits = model(batch.ids, batch.positions, layout=batch.layout, group=par.cp_group, cu_seqlens=documents)
     return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten())
 
 
@@ -457,6 +461,7 @@ def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
             f"small for seq_len {cfg.seq_len}"
         )
     model, optimizer = build_model_and_optimizer(cfg, device)
+    forward = torch.compile(model, backend=cfg.compile) if cfg.compile else model  # shares model's parameters
     done = 0
     if cfg.resume:
         state = resumable_state(cfg)
@@ -477,14 +482,14 @@ def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
             ids, labels = training_batch(corpus, step, cfg)
             batch = local_batch(ids.to(device), labels.to(device), layout=cfg.layout, par=par, documents=cfg.documents)
             lr = learning_rate(step, cfg)
-            loss, norm = train_step(model, optimizer, batch, par=par, lr=lr, grad_clip=cfg.grad_clip, dtype=cfg.dtype)
+            loss, norm = train_step(forward, optimizer, batch, par=par, lr=lr, grad_clip=cfg.grad_clip, dtype=cfg.dtype)
             elapsed = time.perf_counter() - start
             record = {
                 "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "step_s": elapsed,
                 "tokens_per_s": cfg.batch * cfg.seq_len / elapsed,
             }
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                record["val_loss"] = evaluate(model, corpus, cfg, par, device)
+                record["val_loss"] = evaluate(forward, corpus, cfg, par, device)
             records.append(record)
             if log:
                 log.write(json.dumps(record) + "\n")
@@ -579,6 +584,8 @@ def add_parser(subparsers) -> None:
     add("--threads", type=int, metavar="N",
         help="torch intra-op threads of each rank (default: 1 per rank on CPU when there are several ranks, "
              "torch's own default in a single process)")
+    add("--compile", nargs="?", const="inductor", metavar="BACKEND",
+        help="torch.compile the model (backend inductor, or the one named); the ring stays one op in its graph")
     add("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
         help="no progress on stderr (shown by default)")
     p.set_defaults(func=main)

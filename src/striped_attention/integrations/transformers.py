@@ -62,7 +62,8 @@ if Version(transformers.__version__) < Version("4.57"):  # pragma: no cover - de
     )
 
 from ..layouts import (
-    BALANCED, LAYOUTS, Layout, _group_rank_size, _offsets, _rows_of_offsets, for_documents, get_layout, positions, shard,
+    BALANCED, LAYOUTS, Layout, _group_rank_size, _offsets, _rows_of_offsets, for_documents, get_layout, offsets_tensor,
+    positions, shard,
 )
 from ..ring import ring_attention
 
@@ -195,7 +196,7 @@ def shard_inputs(
             shifted[slice(None) if len(documents) == 1 else b, [start - 1 for start in row[1:-1]]] = IGNORE_INDEX
         out["labels"] = shard(shifted.to(input_ids.device), layout=lay, dim=1, group=group)
     if any(len(row) > 2 for row in documents):
-        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = _offsets_tensor(documents, seq, input_ids.device)
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = offsets_tensor(documents, input_ids.device)
     return out
 
 
@@ -389,7 +390,7 @@ class _Setup:
             layout = _layout_of_batch(self.layout, rows, size)
         except ValueError:
             return "balanced_rows", None
-        bounds = _offsets_tensor([list(row) for row in rows], seq, "cpu").long().view(len(rows), -1)
+        bounds = offsets_tensor(rows).long().expand(len(rows), -1).contiguous()  # (rows, offsets)
         want = positions(seq, layout=layout, rank=rank, world_size=size)
         doc = torch.searchsorted(bounds, want.expand(len(rows), -1).contiguous(), right=True) - 1
         want, doc = want.to(pos.device), doc.to(pos.device).expand(batch, -1)  # (batch, local): document index
@@ -553,11 +554,3 @@ def _positions_and_documents(position_ids, cu_seqlens, batch: int, seq: int):
             )
     return pos, given
 
-
-def _offsets_tensor(documents: list[list[int]], seq: int, device) -> torch.Tensor:
-    """One list of offsets as a 1-D int32 tensor; one per row as (batch, most offsets), each row padded with
-    ``seq`` (empty documents at the end)."""
-    if len(documents) == 1:
-        return torch.tensor(documents[0], dtype=torch.int32, device=device)
-    width = max(map(len, documents))
-    return torch.tensor([row + [seq] * (width - len(row)) for row in documents], dtype=torch.int32, device=device)
