@@ -518,7 +518,11 @@ def _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_
     return _setup(q, k, layout, group, causal, softmax_scale, documents, head_groups)
 
 
-@torch.library.custom_op("striped_attention::ring_forward", mutates_args=())
+@torch.library.custom_op(
+    "striped_attention::ring_forward", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str layout, str group_name, bool causal, "
+           "float? softmax_scale, str backend, int? head_groups) -> (Tensor, Tensor)",
+)
 def _ring_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, layout: str, group_name: str,
     causal: bool, softmax_scale: float | None, backend: str, head_groups: int | None,
@@ -536,7 +540,12 @@ def _(q, k, v, cu_seqlens, layout, group_name, causal, softmax_scale, backend, h
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=kernels.acc_dtype(q.dtype))
 
 
-@torch.library.custom_op("striped_attention::ring_backward", mutates_args=())
+@torch.library.custom_op(
+    "striped_attention::ring_backward", mutates_args=(),
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, str layout, "
+           "str group_name, bool causal, float? softmax_scale, str backend, int? head_groups) "
+           "-> (Tensor, Tensor, Tensor)",
+)
 def _ring_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens: torch.Tensor | None, layout: str, group_name: str, causal: bool, softmax_scale: float | None,
