@@ -98,10 +98,11 @@ PACKINGS = {  # name: (each row's documents, what tells shard_inputs about them)
 }
 
 
-def compare(family: str, layout: str, packing: str | None = None, **call) -> dict[str, float]:
+def compare(family: str, layout: str, packing: str | None = None, compiled: bool = False, **call) -> dict[str, float]:
     """Relative errors of the context-parallel run against one process: logits, loss, worst gradient;
     ``packing`` names packed documents of PACKINGS. Layout "balanced" shards each batch in balance_documents'
-    order of its documents (one document: contiguous), so its logits are gathered in that layout."""
+    order of its documents (one document: contiguous), so its logits are gathered in that layout. ``compiled``:
+    the prepared model under torch.compile (aot_eager)."""
     ids, labels = inputs()
     ref = tiny_model(family)
     rows, how = PACKINGS[packing] if packing else (None, {})
@@ -109,6 +110,8 @@ def compare(family: str, layout: str, packing: str | None = None, **call) -> dic
     want_loss.backward()
 
     model = prepare(copy.deepcopy(ref), layout=layout)
+    if compiled:
+        model = torch.compile(model, backend="aot_eager")
     model.zero_grad()
     got = model(**shard_inputs(input_ids=ids, labels=labels, layout=layout, **how), **call)
     got.loss.backward()
@@ -204,6 +207,7 @@ def run_all():
     report[("offsets", "balanced")] = compare("llama", "balanced", "offsets-same-rows")
     report[(None, "balanced")] = compare("mistral", "balanced")
     report["offsets-per-row"] = compare("qwen2", "striped", "offsets-per-row")
+    report["compiled"] = compare("llama", "striped", compiled=True)
     report.update({name: error_of(fn) for name, fn in bad_calls(dist.get_rank()).items()})
     report["after-errors"] = compare("qwen2", "striped")
     return report
@@ -240,7 +244,9 @@ def test_balanced_layout_matches_one_process(packing):
         assert max(errors.values()) <= TOL, errors
 
 
-@pytest.mark.parametrize("case", ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "after-errors"])
+@pytest.mark.parametrize(
+    "case", ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "compiled", "after-errors"]
+)
 def test_what_is_exact_is_served(case):
     for report in reports():
         assert max(report[case].values()) <= TOL, report[case]
