@@ -584,8 +584,9 @@ def add_parser(subparsers) -> None:
     add("--threads", type=int, metavar="N",
         help="torch intra-op threads of each rank (default: 1 per rank on CPU when there are several ranks, "
              "torch's own default in a single process)")
-    add("--compile", nargs="?", const="inductor", metavar="BACKEND",
-        help="torch.compile the model (backend inductor, or the one named); the ring stays one op in its graph")
+    add("--compile", nargs="?", const="inductor", metavar="BACKEND", default=argparse.SUPPRESS,
+        help="torch.compile the model with BACKEND (inductor if none is named; default: eager); the ring stays "
+             "one op in its graphs")
     add("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
         help="no progress on stderr (shown by default)")
     p.set_defaults(func=main)
