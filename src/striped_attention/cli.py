@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module has add_parser(subparsers), which registers its subcommand and sets func(args) -> exit code.
-COMMANDS = ("demo", "train", "bench", "simulate", "plan")
+COMMANDS = ("demo", "train", "bench", "simulate", "plan", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
