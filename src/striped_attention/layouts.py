@@ -393,7 +393,13 @@ def balance_documents(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int,
     if _rows_of_offsets(cu_seqlens) is not None:
         raise ValueError("balance_documents orders one set of documents for every row of the batch; rows with "
                          "documents of their own would each need their own order")
-    offsets = _offsets(cu_seqlens)
+    return _balanced_layout(_offsets(cu_seqlens), world_size, seed, tries)
+
+
+@functools.lru_cache(maxsize=16)
+def _balanced_layout(offsets: tuple[int, ...], world_size: int, seed: int, tries: int | None) -> Documents:
+    """balance_documents' layout, searched once per set of documents (up to 0.1 s) however often a batch's
+    layout is asked for: every step's, every validation batch's, every layer's."""
     Contiguous().check(offsets[-1], world_size)
     lengths = [b - a for a, b in zip(offsets, offsets[1:])]
     if tries is None:

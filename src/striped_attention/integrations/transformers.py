@@ -37,7 +37,6 @@ shorter than the sequence, non-causal attention, attention dropout, attention we
 
 from __future__ import annotations
 
-import functools
 import inspect
 import weakref
 import zlib
@@ -256,9 +255,7 @@ class _Setup:
         layout = self.layout  # a name (under torch.compile, one op in the graph) or a Layout
         if layout == BALANCED:
             size = _group_rank_size(self.group)[1]
-            rows = [(0, query.shape[2] * size)] if documents is None else (
-                _rows_of_offsets(documents) or [_offsets(documents)])
-            layout = _layout_of_batch(layout, rows, size)
+            layout = _layout_of_batch(layout, _document_rows(documents, query.shape[2] * size), size)
         out = ring_attention(
             query, key, value, layout=layout, group=self.group, causal=True, softmax_scale=scaling,
             cu_seqlens=documents,
@@ -381,7 +378,7 @@ class _Setup:
             return "no_positions", None
         batch, seq = tokens.shape[0], tokens.shape[1] * size
         try:
-            rows = [(0, seq)] if documents is None else _rows_of_offsets(documents) or [_offsets(documents)]
+            rows = _document_rows(documents, seq)
         except ValueError:
             return "documents", None
         if len(rows) not in (1, batch) or any(row[-1] != seq for row in rows):
@@ -450,6 +447,11 @@ def _name(layout: str | Layout) -> str:
     return layout if isinstance(layout, str) else layout.name
 
 
+def _document_rows(documents, seq: int) -> list[tuple[int, ...]]:
+    """The offsets of cu_seq_lens_q, checked: one tuple per row, or one for every row; None: one document."""
+    return [(0, seq)] if documents is None else list(_rows_of_offsets(documents) or [_offsets(documents)])
+
+
 def _layout_of_batch(layout: str | Layout, rows, world_size: int) -> str | Layout:
     """The layout a batch whose rows hold the documents ``rows`` (one list of offsets, or one per row) is
     sharded in: ``layout``, or for BALANCED the balanced order of the one set of documents."""
@@ -457,14 +459,7 @@ def _layout_of_batch(layout: str | Layout, rows, world_size: int) -> str | Layou
         return layout
     if any(list(row) != list(rows[0]) for row in rows):
         raise ValueError(_UNSUPPORTED["balanced_rows"])
-    return _balanced(tuple(rows[0]), world_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _balanced(offsets: tuple[int, ...], world_size: int) -> Layout:
-    """balance_documents' layout (its search runs once per set of documents, not once per layer); one
-    document: contiguous."""
-    return get_layout(for_documents(BALANCED, offsets if len(offsets) > 2 else None, world_size))
+    return get_layout(for_documents(BALANCED, rows[0] if len(rows[0]) > 2 else None, world_size))  # one: contiguous
 
 
 def _collective_device(group, device: torch.device) -> torch.device:
