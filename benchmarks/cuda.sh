@@ -4,7 +4,8 @@
 #   bash benchmarks/cuda.sh [OUT_DIR]      # default OUT_DIR: $OUT, else ./out
 #
 # Runs with the python3 on PATH (a CUDA build of torch; this package from src/, nothing installed):
-#   1. the CUDA tests (tests/test_cuda.py): kernels, the ring on the GPU, simulated ranks, ranks sharing it;
+#   1. the CUDA tests (tests/test_cuda.py): kernels, the ring on the GPU (also compiled), simulated ranks,
+#      ranks sharing it;
 #   2. what each layout's pieces cost on the GPU's kernel (benchmarks/kernels.py, bf16);
 #   3. `simulate`: 8 virtual ranks on the GPU, forward and forward+backward, every layout (bf16), on the cuDNN
 #      and on the FlashAttention-2 kernel;
@@ -12,7 +13,8 @@
 #   5. `bench` on one rank (NCCL): the ring of one against torch SDPA on the whole sequence;
 #   6. causal triangles of 128 to 4,096 tokens, the pieces packed documents give each rank (cost per pair);
 #   7. `simulate` with 64 packed documents (small pieces: one varlen call per step, and with --backend cudnn a call
-#      per piece) and with 8: 8 virtual ranks, every layout and balanced, forward and forward+backward.
+#      per piece) and with 8: 8 virtual ranks, every layout and balanced, forward and forward+backward;
+#   8. `train` on one rank eager, under torch.compile, and eager again (tokens/s).
 # Each step has its own time limit and log; a failed step does not stop the others. The summary is last.
 # STEPS="tests kernels" runs only the steps named.
 set -u
@@ -58,6 +60,13 @@ step documents-64-per-piece 150 "${documents[@]}" 64 --repeats 3 --backend cudnn
 step documents-8 150 "${documents[@]}" 8 --repeats 5
 step triangles 60 $py benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 16384 --heads 32 --head-dim 128 \
     --repeats 10 --triangles 128 256 1024 4096
+
+# the training recipe on one NCCL rank, eager, compiled (inductor), eager again: what torch.compile gains
+train=($py -m torch.distributed.run --standalone --nproc-per-node 1 -m striped_attention.cli train --device cuda \
+    --dtype bfloat16 --model small --seq-len 65536 --steps 12 --eval-every 0 --eval-batches 1 --no-progress)
+step train-eager 90 "${train[@]}"
+step train-compile 200 "${train[@]}" --compile
+step train-eager-again 90 "${train[@]}"
 
 echo "== summary"
 printf '%s\n' "${status[@]}" | tee "$out/summary.txt"

@@ -184,6 +184,36 @@ def test_ranks_sharing_the_gpu(world):
             assert max(errors) <= TOL[getattr(torch, dtype)], (name, causal, dtype, docs, errors)
 
 
+def compiled_ring_errors(device: str, documents) -> tuple[list[float], int]:
+    """A world of one under torch.compile (inductor, fullgraph) on ``device``, bf16, striped: the worst relative
+    errors (out, dq, dk, dv) against float64 attention over each set of ``documents`` given as a tensor (or one
+    run without), and the frames compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    attention = torch.compile(lambda q, k, v, cu: ring_attention(q * 0.5, k, v, cu_seqlens=cu), fullgraph=True,
+                              backend=counter)
+    worst = [0.0] * 4
+    for docs in documents or [None]:
+        q, k, v, dout = full_inputs(0, 2, 4, 2, 384, 64)
+        out_w, dq_w, dk_w, dv_w = reference(q * 0.5, k, v, dout, True, None, docs)
+        want = (out_w, dq_w * 0.5, dk_w, dv_w)
+        local = [t.to(device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        out = attention(*local, None if docs is None else torch.tensor(docs, device=device))
+        out.backward(dout.to(device, torch.bfloat16))
+        got = (out.detach(), *(t.grad for t in local))
+        worst = [max(w, relative_error(g.cpu(), e)) for w, g, e in zip(worst, got, want)]
+    return worst, counter.frame_count
+
+
+@pytest.mark.parametrize("documents", [None, [DOCUMENTS, (0, 50, 51, 200, 300, 384)]], ids=["whole", "documents"])
+def test_compiled_ring_on_cuda(documents):
+    """The ring's custom ops under inductor on the GPU (the varlen call for documents): exact, and a second set
+    of as many documents does not recompile."""
+    errors, frames = compiled_ring_errors("cuda", documents)
+    assert max(errors) <= TOL[torch.bfloat16] and frames == 1, (errors, frames)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What users run on the GPU: the training recipe and a transformers model
 # ----------------------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
+import striped_attention
 from striped_attention import kernels
 from striped_attention.cli import main as cli_main
 from striped_attention.env import auto_kernels
@@ -15,6 +17,7 @@ def test_env_names_versions_kernels_and_backends(capsys):
     assert cli_main(["env"]) == 0
     text = capsys.readouterr().out
     assert f"torch {torch.__version__}" in text
+    assert f"striped-attention {striped_attention.__version__} ({Path(striped_attention.__file__).parent})" in text
     assert f"CPU: {torch.backends.cpu.get_cpu_capability()} vector unit" in text
     assert "float32 -> own CPU kernel" in text and "bfloat16 -> torch CPU flash" in text
     assert "process groups: gloo" in text

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from pathlib import Path
 from importlib import metadata
 
 import torch
 import torch.distributed as dist
 
-from . import kernels
+from . import __version__, kernels
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,7 +72,8 @@ def report() -> dict:
         backends = [name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()))
                     if ok]
     return {
-        "striped_attention": _version("striped-attention"),
+        "striped_attention": __version__,  # also when run from a source tree, where no package metadata is
+        "location": str(Path(__file__).parent),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -87,7 +89,7 @@ def _print(info: dict) -> None:
     cpu = info["cpu"]
     own = cpu["own_kernel"]
     lines = [
-        f"striped-attention {info['striped_attention']}, torch {info['torch']} (CUDA build: {info['cuda_build']}), "
+        f"striped-attention {info['striped_attention']} ({info['location']}), torch {info['torch']} (CUDA build: {info['cuda_build']}), "
         f"Python {info['python']}, transformers {info['transformers'] or 'not installed'}",
         f"platform: {info['platform']}",
         f"CPU: {cpu['capability']} vector unit, {cpu['threads']} torch thread(s), BLAS {cpu['blas']}",
