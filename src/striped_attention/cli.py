@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # Each module has add_parser(subparsers), which registers its subcommand and sets func(args) -> exit code.
 COMMANDS = ("demo", "train", "bench", "simulate", "plan", "env")
+
+
+def describe(doc: str) -> str:
+    """A module docstring as a subcommand's --help text: without its leading "`striped-attention X`: " and
+    without reStructuredText markup (``code``, :func:`name`)."""
+    text = re.sub(r"^`striped-attention \w+`: ", "", doc.strip())
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return text[:1].upper() + text[1:]
 
 
 def build_parser() -> argparse.ArgumentParser:

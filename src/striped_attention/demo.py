@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .bench import BenchConfig, run
+from .cli import describe
 from .layouts import LAYOUTS
 
 
@@ -13,7 +14,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
         help="run every layout on local ranks, check it against one process, print a table",
-        description=__doc__,
+        description=describe(__doc__),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--world-size", type=int, default=2, help="number of local ranks (processes, 1 thread each)")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, kernels
+from .cli import describe
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -108,7 +109,7 @@ def _print(info: dict) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("env", help="versions, kernels and backends this machine gives the library",
-                              description=__doc__)
+                              description=describe(__doc__))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.set_defaults(func=main)
 

@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .bench import random_documents
+from .cli import describe
 from .layouts import BALANCED, LAYOUTS, Documents, cut_at_documents, for_documents, get_layout
 from .models.llama import PRESETS, LlamaConfig
 from .ring import source_rank
@@ -349,7 +350,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "plan",
         help="predict ring step times, overlap, memory and speedup for a model on hardware you do not have",
-        description=__doc__,
+        description=describe(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     m = p.add_argument_group("model (a preset, optionally overridden field by field)")

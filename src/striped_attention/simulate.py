@@ -26,6 +26,7 @@ from . import ring as ring_engine
 from .bench import (
     PASSES, Progress, add_workload_arguments, format_rows, plot_path, random_documents, random_inputs, workload_fields,
 )
+from .cli import describe
 from .kernels import default_scale
 from .launch import torch_threads
 from .layouts import LAYOUTS, cut_at_documents, for_documents, get_layout
@@ -340,7 +341,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "simulate",
         help="play N virtual ranks in one process: per-step times, critical path, speedup, for 8 to 64 ranks",
-        description=__doc__,
+        description=describe(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = SimConfig()
