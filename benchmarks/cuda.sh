@@ -14,7 +14,8 @@
 #   6. causal triangles of 128 to 4,096 tokens, the pieces packed documents give each rank (cost per pair);
 #   7. `simulate` with 64 packed documents (small pieces: one varlen call per step, and with --backend cudnn a call
 #      per piece) and with 8: 8 virtual ranks, every layout and balanced, forward and forward+backward;
-#   8. `train` on one rank eager, under torch.compile, and eager again (tokens/s).
+#   8. `train` on one rank eager, under torch.compile, eager again, and with activation checkpointing (tokens/s,
+#      peak memory).
 # Each step has its own time limit and log; a failed step does not stop the others. The summary is last.
 # STEPS="tests kernels" runs only the steps named.
 set -u
@@ -67,6 +68,7 @@ train=($py -m torch.distributed.run --standalone --nproc-per-node 1 -m striped_a
 step train-eager 90 "${train[@]}"
 step train-compile 200 "${train[@]}" --compile
 step train-eager-again 90 "${train[@]}"
+step train-checkpointed 90 "${train[@]}" --activation-checkpointing
 
 echo "== summary"
 printf '%s\n' "${status[@]}" | tee "$out/summary.txt"

@@ -121,6 +121,33 @@ def test_per_sequence_positions_match_shared_positions():
     assert torch.allclose(shared, per_row)
 
 
+def test_activation_checkpointing_recomputes_each_layer_and_keeps_the_gradients(monkeypatch):
+    """Each layer runs twice (forward, then again in the backward) and saves only its input for the backward;
+    the gradients are those of the plain model, bit for bit; without grad nothing is recomputed."""
+    from striped_attention.models import llama
+
+    calls = []
+    layer_forward = llama.Block.forward
+    monkeypatch.setattr(llama.Block, "forward", lambda self, *a: calls.append(1) or layer_forward(self, *a))
+    tokens, positions = torch.randint(0, 256, (2, 24)), torch.arange(24)
+    results = []
+    for checkpointed in (False, True):
+        m = model()
+        m.activation_checkpointing = checkpointed
+        calls.clear()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = m(tokens, positions).square().mean()
+        loss.backward()
+        results.append((len(calls), len(saved), [p.grad for p in m.parameters()]))
+        with torch.no_grad():
+            m(tokens, positions)
+        assert len(calls) == results[-1][0] + len(m.layers)
+    (plain_calls, plain_saved, plain_grads), (calls_made, saved_count, grads) = results
+    assert plain_calls == 2 and calls_made == 4 and saved_count < plain_saved / 2, (plain_saved, saved_count)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
 def test_rmsnorm_formula():
     norm = RMSNorm(8, eps=1e-5)
     with torch.no_grad():

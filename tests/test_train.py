@@ -64,19 +64,23 @@ def first_step_gradients(cfg: T.TrainConfig, par: T.Parallel) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def run_parallel(world: int, dp: int, layouts: tuple[str, ...]) -> dict:
-    """On each rank: the records of an 8-step run and the step-1 gradients, per layout."""
+def run_parallel(world: int, dp: int, layouts: tuple[str, ...], checkpointed: bool = False) -> dict:
+    """On each rank: the records of an 8-step run and the step-1 gradients, per layout; with ``checkpointed``
+    also the step-1 gradients of the first layout's model under activation checkpointing."""
     par = T.Parallel.build(dp, torch.device("cpu"))
     out = {}
     for layout in layouts:
         cfg = replace(BASE, world_size=world, dp=dp, layout=layout)
         out[layout] = (T.train_on_rank(cfg, par), first_step_gradients(cfg, par))
+    if checkpointed:
+        cfg = replace(BASE, world_size=world, dp=dp, layout=layouts[0], activation_checkpointing=True)
+        out["checkpointed"] = first_step_gradients(cfg, par)
     return out
 
 
 @cached
 def cp2():
-    return run_ranks(run_parallel, 2, 2, 1, tuple(sorted(LAYOUTS)))
+    return run_ranks(run_parallel, 2, 2, 1, tuple(sorted(LAYOUTS)), True)
 
 
 @cached
@@ -119,6 +123,14 @@ def test_two_ranks_reproduce_the_one_rank_gradients(layout):
     for rank_result in cp2():
         _, grads = rank_result[layout]
         assert relative(grads, reference_gradients()) < 1e-5
+
+
+def test_activation_checkpointing_recomputes_the_ring_exactly():
+    """Each layer's forward, ring included, runs again in the backward on both ranks: the same gradients, bit
+    for bit."""
+    first = sorted(LAYOUTS)[0]
+    for rank_result in cp2():
+        assert torch.equal(rank_result["checkpointed"], rank_result[first][1])
 
 
 def test_dp2_cp2_on_four_ranks_reproduces_the_one_rank_curve():

@@ -98,11 +98,13 @@ PACKINGS = {  # name: (each row's documents, what tells shard_inputs about them)
 }
 
 
-def compare(family: str, layout: str, packing: str | None = None, compiled: bool = False, **call) -> dict[str, float]:
+def compare(family: str, layout: str, packing: str | None = None, compiled: bool = False, checkpointed: bool = False,
+            **call) -> dict[str, float]:
     """Relative errors of the context-parallel run against one process: logits, loss, worst gradient;
     ``packing`` names packed documents of PACKINGS. Layout "balanced" shards each batch in balance_documents'
     order of its documents (one document: contiguous), so its logits are gathered in that layout. ``compiled``:
-    the prepared model under torch.compile (aot_eager)."""
+    the prepared model under torch.compile (aot_eager); ``checkpointed``: with transformers' own activation
+    checkpointing (each layer, ring included, recomputed in the backward)."""
     ids, labels = inputs()
     ref = tiny_model(family)
     rows, how = PACKINGS[packing] if packing else (None, {})
@@ -110,6 +112,11 @@ def compare(family: str, layout: str, packing: str | None = None, compiled: bool
     want_loss.backward()
 
     model = prepare(copy.deepcopy(ref), layout=layout)
+    if checkpointed:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        model.train()
+        assert model.is_gradient_checkpointing
     if compiled:
         model = torch.compile(model, backend="aot_eager")
     model.zero_grad()
@@ -208,6 +215,7 @@ def run_all():
     report[(None, "balanced")] = compare("mistral", "balanced")
     report["offsets-per-row"] = compare("qwen2", "striped", "offsets-per-row")
     report["compiled"] = compare("llama", "striped", compiled=True)
+    report["checkpointed"] = compare("qwen2", "zigzag", "same-documents", checkpointed=True)
     report.update({name: error_of(fn) for name, fn in bad_calls(dist.get_rank()).items()})
     report["after-errors"] = compare("qwen2", "striped")
     return report
@@ -245,7 +253,7 @@ def test_balanced_layout_matches_one_process(packing):
 
 
 @pytest.mark.parametrize(
-    "case", ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "compiled", "after-errors"]
+    "case", ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "compiled", "checkpointed", "after-errors"]
 )
 def test_what_is_exact_is_served(case):
     for report in reports():

@@ -49,7 +49,7 @@ __all__ = [
     "TrainConfig", "Parallel", "Corpus", "load_corpus", "batch_indices", "sequence_batch", "training_batch",
     "file_offsets", "LocalBatch", "local_batch",
     "learning_rate", "train_step", "evaluate", "save_checkpoint", "load_checkpoint", "resumable_state",
-    "train_on_rank", "run",
+    "peak_memory_gib", "train_on_rank", "run",
 ]
 
 DTYPES = ("float32", "bfloat16")
@@ -91,6 +91,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads of each rank; None: 1 per CPU rank of several, else torch's
     compile: str | None = None  # torch.compile the model with this backend ("inductor", ...); None: eager
+    activation_checkpointing: bool = False  # recompute each layer's forward in the backward: less memory
     progress: bool = True
 
     def __post_init__(self):
@@ -162,6 +163,14 @@ class Parallel:
     @property
     def world(self) -> int:
         return self.dp * self.cp
+
+    def maximum(self, value: float, device: torch.device) -> float:
+        """The largest ``value`` over all dp x cp ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
 
     def average_(self, tensors: list[torch.Tensor]) -> None:
         """Average ``tensors`` over all dp x cp ranks, in place, with one all-reduce of one flat buffer."""
@@ -345,7 +354,7 @@ def build_model_and_optimizer(cfg: TrainConfig, device: torch.device):
     """The model, initialised from ``cfg.seed`` (identical on every rank and world size), and AdamW
     (weight decay on matrices only)."""
     torch.manual_seed(cfg.seed)
-    model = Llama(get_config(cfg.model)).to(device)
+    model = Llama(get_config(cfg.model), activation_checkpointing=cfg.activation_checkpointing).to(device)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -433,6 +442,16 @@ def _truncate_log(path: str, done: int) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far: on a GPU what torch's allocator has held at most, on the CPU the
+    resident set's high-water mark (the whole process: torch, the corpus, the model and its activations)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def _status(record: dict, total: int, seconds_left: float) -> str:
     """The progress line's text after a step: a bar, loss, validation loss, tokens/s, time left."""
     done = 20 * record["step"] // total
@@ -444,7 +463,8 @@ def _status(record: dict, total: int, seconds_left: float) -> str:
 def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
     """Run the training loop on this rank; return one record per step done in this run (same on every rank).
 
-    Records: step, loss, lr, grad_norm, step_s, tokens_per_s, and val_loss on validation steps. Call it on
+    Records: step, loss, lr, grad_norm, step_s, tokens_per_s, peak_memory_gib (the largest
+    :func:`peak_memory_gib` over the ranks so far), and val_loss on validation steps. Call it on
     every rank of an initialised process group with dp x cp ranks (or in one process when world_size is 1).
     """
     device = torch.device(cfg.device)
@@ -487,6 +507,7 @@ def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
             record = {
                 "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "step_s": elapsed,
                 "tokens_per_s": cfg.batch * cfg.seq_len / elapsed,
+                "peak_memory_gib": par.maximum(peak_memory_gib(device), device),
             }
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 record["val_loss"] = evaluate(forward, corpus, cfg, par, device)
@@ -587,6 +608,9 @@ def add_parser(subparsers) -> None:
     add("--compile", nargs="?", const="inductor", metavar="BACKEND", default=argparse.SUPPRESS,
         help="torch.compile the model with BACKEND (inductor if none is named; default: eager); the ring stays "
              "one op in its graphs")
+    add("--activation-checkpointing", action="store_true", default=argparse.SUPPRESS,
+        help="keep only each layer's input for the backward and recompute its forward there (the ring "
+             "included): less activation memory for about one more forward pass")
     add("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
         help="no progress on stderr (shown by default)")
     p.set_defaults(func=main)
@@ -620,5 +644,7 @@ def main(args) -> int:
     last = records[-1]
     speed = statistics.median(r["tokens_per_s"] for r in records[1:] or records)
     val = f", validation loss {last['val_loss']:.4f}" if "val_loss" in last else ""
-    print(f"step {last['step']}: loss {last['loss']:.4f}{val}; median {speed:,.0f} tokens/s")
+    memory = "GPU memory allocated" if cfg.device == "cuda" else "resident memory"
+    print(f"step {last['step']}: loss {last['loss']:.4f}{val}; median {speed:,.0f} tokens/s; peak {memory} "
+          f"{last['peak_memory_gib']:.2f} GiB (the largest rank)")
     return 0

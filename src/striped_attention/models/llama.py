@@ -11,6 +11,10 @@ logits (batch, local_seq, vocab_size).
 
 >>> model = Llama(PRESETS["tiny"])
 >>> logits = model(tokens, positions, layout="striped", group=cp_group)
+
+With ``activation_checkpointing`` each layer keeps only its input for the backward pass and runs its forward
+again there (ring included: every rank recomputes the same layers in the same order, so the transfers pair
+up): activations of one layer at a time instead of all, for about one more forward pass.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layouts import Layout
 from ..ring import ring_attention
@@ -205,9 +210,10 @@ class Llama(nn.Module):
     the same weights on every rank and in every run.
     """
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, *, activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = activation_checkpointing  # recompute each layer in the backward
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -252,6 +258,10 @@ class Llama(nn.Module):
             )
         cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_base)
         x = self.embed(tokens)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, layout, group, cu_seqlens)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, layout, group, cu_seqlens, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, layout, group, cu_seqlens)
         return self.head(self.norm(x))
