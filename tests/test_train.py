@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from ranks import cached, run_ranks
 from striped_attention import LAYOUTS
@@ -138,6 +139,66 @@ def test_dp2_cp2_on_four_ranks_reproduces_the_one_rank_curve():
         records, grads = rank_result["striped"]
         assert_same_curve(records, reference())
         assert relative(grads, reference_gradients()) < 1e-5
+
+
+def run_fsdp(directory: str) -> dict:
+    """On each of 2 ranks under FSDP (striped): an 8-step run, its step-1 gradients gathered whole, and a run
+    that crashes in step 6 (its checkpoint: step 4), resumed to step 8."""
+    par = T.Parallel.build(1, torch.device("cpu"))
+    cfg = replace(BASE, world_size=2, fsdp=True)
+    out = {"records": T.train_on_rank(cfg, par)}
+    model, _ = T.build_model_and_optimizer(cfg, torch.device("cpu"))
+    ids, labels = T.training_batch(T.load_corpus(cfg.data, val_percent=cfg.val_percent), 1, cfg)
+    T.local_loss(model, T.local_batch(ids, labels, layout=cfg.layout, par=par), par=par, dtype=cfg.dtype).backward()
+    out["sharded"] = all(p.grad.to_local().numel() < p.numel() for p in model.parameters() if p.numel() > 1)
+    out["grads"] = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
+    checkpoints = replace(cfg, checkpoint_dir=directory, checkpoint_every=4)
+    real_step, calls = T.train_step, []
+
+    def crashing_step(*args, **kwargs):
+        if len(calls) == 5:
+            raise RuntimeError("simulated crash")
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    T.train_step = crashing_step
+    try:
+        T.train_on_rank(checkpoints, par)
+    except RuntimeError as e:
+        out["crash"] = str(e)
+    finally:
+        T.train_step = real_step
+    dist.barrier()  # rank 0 has written the step-4 checkpoint
+    out["resumed"] = T.train_on_rank(replace(checkpoints, resume=True), par)
+    return out
+
+
+@cached
+def fsdp2(directory: str):
+    return run_ranks(run_fsdp, 2, directory)
+
+
+def test_fsdp_shards_the_model_and_reproduces_the_one_rank_curve(tmp_path_factory):
+    """FSDP's reduce-scatter averages the gradients over the ranks: the plain recipe's gradients, bit for bit,
+    each rank holding half of each; the curve of one rank; and a run resumed from its (gathered) checkpoint
+    continues it bit for bit."""
+    for rank, result in enumerate(fsdp2(str(tmp_path_factory.mktemp("fsdp")))):
+        assert result["sharded"]
+        assert torch.equal(result["grads"], cp2()[rank]["striped"][1])
+        assert_same_curve(result["records"], reference())
+        assert result["crash"] == "simulated crash"
+        keys = ("loss", "grad_norm", "val_loss")
+        assert [r["step"] for r in result["resumed"]] == [5, 6, 7, 8]
+        for got, want in zip(result["resumed"], result["records"][4:], strict=True):
+            assert [got.get(k) for k in keys] == [want.get(k) for k in keys]
+
+
+def test_fsdp_needs_ranks_and_a_matching_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="fsdp shards the model over the ranks: it needs world_size >= 2"):
+        replace(BASE, fsdp=True)
+    one_rank(steps=1, checkpoint_dir=str(tmp_path), eval_every=0)
+    with pytest.raises(ValueError, match="the checkpoint was saved without --fsdp"):
+        T.resumable_state(replace(BASE, steps=1, world_size=2, fsdp=True, checkpoint_dir=str(tmp_path)))
 
 
 def test_gradient_convention_is_not_a_sum():

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from .bench import Progress
 from .layouts import BALANCED, LAYOUTS, Layout, for_documents, get_layout, offsets_tensor, positions
@@ -48,7 +49,8 @@ from .models.llama import PRESETS, Llama, get_config
 __all__ = [
     "TrainConfig", "Parallel", "Corpus", "load_corpus", "batch_indices", "sequence_batch", "training_batch",
     "file_offsets", "LocalBatch", "local_batch",
-    "learning_rate", "train_step", "evaluate", "save_checkpoint", "load_checkpoint", "resumable_state",
+    "learning_rate", "train_step", "evaluate", "shard_model", "save_checkpoint", "load_checkpoint",
+    "training_state", "load_training_state", "resumable_state",
     "peak_memory_gib", "train_on_rank", "run",
 ]
 
@@ -92,6 +94,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads of each rank; None: 1 per CPU rank of several, else torch's
     compile: str | None = None  # torch.compile the model with this backend ("inductor", ...); None: eager
     activation_checkpointing: bool = False  # recompute each layer's forward in the backward: less memory
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over all ranks (FSDP2)
     progress: bool = True
 
     def __post_init__(self):
@@ -119,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr} and {self.min_lr_ratio}")
         if not 0 < self.val_percent < 100:
             raise ValueError(f"val_percent must be in (0, 100), got {self.val_percent}")
+        if self.fsdp and self.world_size < 2:
+            raise ValueError("fsdp shards the model over the ranks: it needs world_size >= 2")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs checkpoint_dir")
         if self.compile is not None and self.compile not in torch._dynamo.list_backends(exclude_tags=()):
@@ -327,12 +332,14 @@ def train_step(model, optimizer, batch: LocalBatch, *, par: Parallel, lr: float,
     loss = local_loss(model, batch, par=par, dtype=dtype)
     loss.backward()
     mean_loss = loss.detach().clone().view(1)
-    par.average_([p.grad for p in model.parameters()] + [mean_loss])
+    grads = [p.grad for p in model.parameters()]
+    sharded = isinstance(grads[0], DTensor)  # FSDP: reduce-scattered, averaged over the ranks already
+    par.average_([mean_loss] if sharded else grads + [mean_loss])
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    return mean_loss.item(), norm.item()
+    return mean_loss.item(), (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
 
 @torch.no_grad()
@@ -352,9 +359,12 @@ def evaluate(model, corpus: Corpus, cfg: TrainConfig, par: Parallel, device: tor
 
 def build_model_and_optimizer(cfg: TrainConfig, device: torch.device):
     """The model, initialised from ``cfg.seed`` (identical on every rank and world size), and AdamW
-    (weight decay on matrices only)."""
+    (weight decay on matrices only). With ``cfg.fsdp`` the model is sharded first (:func:`shard_model`), so
+    AdamW's state is sharded too."""
     torch.manual_seed(cfg.seed)
     model = Llama(get_config(cfg.model), activation_checkpointing=cfg.activation_checkpointing).to(device)
+    if cfg.fsdp:
+        shard_model(model, device)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -362,6 +372,19 @@ def build_model_and_optimizer(cfg: TrainConfig, device: torch.device):
         lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
     )
     return model, optimizer
+
+
+def shard_model(model: Llama, device: torch.device) -> None:
+    """FSDP2 over every rank of the default group: each layer is one unit (its parameters gathered for its
+    forward and backward, then freed), the embedding, final norm and head the root's. FSDP's reduce-scatter
+    averages the gradients over all ranks: the mean this recipe's all-reduce takes without it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,6 +427,36 @@ def load_checkpoint(directory: str | os.PathLike, *, mmap: bool = False) -> dict
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
+def training_state(model, optimizer, *, fsdp: bool) -> dict:
+    """The model's and AdamW's state as a checkpoint holds them, whole. With FSDP they are gathered from the
+    shards (a collective: call it on every rank; rank 0 gets the tensors, on the CPU) and AdamW's state is
+    keyed by parameter name, marked ``"fsdp": True``."""
+    if not fsdp:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(model, options=whole),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=whole), "fsdp": True}
+
+
+def load_training_state(model, optimizer, state: dict) -> None:
+    """Load :func:`training_state`'s ``state`` into the model and AdamW (FSDP: each rank keeps its shards)."""
+    if not state.get("fsdp"):
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=whole)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=whole)
+
+
 def _curve(cfg: TrainConfig) -> dict:
     return {name: getattr(cfg, name) for name in CURVE_FIELDS}
 
@@ -417,6 +470,9 @@ def resumable_state(cfg: TrainConfig, *, mmap: bool = False) -> dict:
     if differ:
         detail = ", ".join(f"{k}={now!r} (checkpoint: {then!r})" for k, (now, then) in differ.items())
         raise ValueError(f"cannot resume: this run differs from its checkpoint in {detail}")
+    if state.get("fsdp", False) != cfg.fsdp:
+        saved_with = "with --fsdp" if cfg.fsdp is False else "without --fsdp"
+        raise ValueError(f"cannot resume: the checkpoint was saved {saved_with}; resume {saved_with} too")
     return state
 
 
@@ -485,8 +541,7 @@ def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
     done = 0
     if cfg.resume:
         state = resumable_state(cfg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_training_state(model, optimizer, state)
         done = state["step"]
     log = None
     if cfg.log_json and lead:
@@ -515,10 +570,10 @@ def train_on_rank(cfg: TrainConfig, par: Parallel | None = None) -> list[dict]:
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if cfg.checkpoint_dir and (step == cfg.steps or step % cfg.checkpoint_every == 0) and lead:
-                save_checkpoint(cfg.checkpoint_dir, {
-                    "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "run": _curve(cfg),
-                })
+            if cfg.checkpoint_dir and (step == cfg.steps or step % cfg.checkpoint_every == 0):
+                state = training_state(model, optimizer, fsdp=cfg.fsdp)  # with FSDP, gathered from every rank
+                if lead:
+                    save_checkpoint(cfg.checkpoint_dir, {"step": step, **state, "run": _curve(cfg)})
             if progress:
                 left = (time.perf_counter() - started) / (step - done) * (cfg.steps - step)
                 progress(step, cfg.steps, _status(record, cfg.steps, left))
@@ -611,6 +666,9 @@ def add_parser(subparsers) -> None:
     add("--activation-checkpointing", action="store_true", default=argparse.SUPPRESS,
         help="keep only each layer's input for the backward and recompute its forward there (the ring "
              "included): less activation memory for about one more forward pass")
+    add("--fsdp", action="store_true", default=argparse.SUPPRESS,
+        help="shard parameters, gradients and AdamW's state over all ranks (FSDP2, one unit per layer): the "
+             "model's memory divided by the ranks, the same updates; needs 2 or more ranks")
     add("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
         help="no progress on stderr (shown by default)")
     p.set_defaults(func=main)
