@@ -99,12 +99,13 @@ PACKINGS = {  # name: (each row's documents, what tells shard_inputs about them)
 
 
 def compare(family: str, layout: str, packing: str | None = None, compiled: bool = False, checkpointed: bool = False,
-            **call) -> dict[str, float]:
+            fsdp: bool = False, **call) -> dict[str, float]:
     """Relative errors of the context-parallel run against one process: logits, loss, worst gradient;
     ``packing`` names packed documents of PACKINGS. Layout "balanced" shards each batch in balance_documents'
     order of its documents (one document: contiguous), so its logits are gathered in that layout. ``compiled``:
     the prepared model under torch.compile (aot_eager); ``checkpointed``: with transformers' own activation
-    checkpointing (each layer, ring included, recomputed in the backward)."""
+    checkpointing (each layer, ring included, recomputed in the backward); ``fsdp``: each decoder layer and the
+    model sharded over the 2 ranks with FSDP2, whose reduce-scatter averages the gradients."""
     ids, labels = inputs()
     ref = tiny_model(family)
     rows, how = PACKINGS[packing] if packing else (None, {})
@@ -117,13 +118,21 @@ def compare(family: str, layout: str, packing: str | None = None, compiled: bool
         enable()
         model.train()
         assert model.is_gradient_checkpointing
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     if compiled:
         model = torch.compile(model, backend="aot_eager")
     model.zero_grad()
     got = model(**shard_inputs(input_ids=ids, labels=labels, layout=layout, **how), **call)
     got.loss.backward()
     grads = [
-        relative_error(mean_over_ranks(p.grad), q.grad.double())
+        relative_error(p.grad.full_tensor() if fsdp else mean_over_ranks(p.grad), q.grad.double())
         for p, q in zip(model.parameters(), ref.parameters())
     ]
     return {
@@ -216,6 +225,7 @@ def run_all():
     report["offsets-per-row"] = compare("qwen2", "striped", "offsets-per-row")
     report["compiled"] = compare("llama", "striped", compiled=True)
     report["checkpointed"] = compare("qwen2", "zigzag", "same-documents", checkpointed=True)
+    report["fsdp"] = compare("llama", "striped", fsdp=True)
     report.update({name: error_of(fn) for name, fn in bad_calls(dist.get_rank()).items()})
     report["after-errors"] = compare("qwen2", "striped")
     return report
@@ -253,7 +263,7 @@ def test_balanced_layout_matches_one_process(packing):
 
 
 @pytest.mark.parametrize(
-    "case", ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "compiled", "checkpointed", "after-errors"]
+    "case", ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "compiled", "checkpointed", "fsdp", "after-errors"]
 )
 def test_what_is_exact_is_served(case):
     for report in reports():
