@@ -6,6 +6,7 @@ each and run all their cases inside the ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -153,21 +154,8 @@ def run_fsdp(directory: str) -> dict:
     out["sharded"] = all(p.grad.to_local().numel() < p.numel() for p in model.parameters() if p.numel() > 1)
     out["grads"] = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
     checkpoints = replace(cfg, checkpoint_dir=directory, checkpoint_every=4)
-    real_step, calls = T.train_step, []
-
-    def crashing_step(*args, **kwargs):
-        if len(calls) == 5:
-            raise RuntimeError("simulated crash")
-        calls.append(1)
-        return real_step(*args, **kwargs)
-
-    T.train_step = crashing_step
-    try:
+    with crash_in_step(6), pytest.raises(RuntimeError, match="simulated crash"):
         T.train_on_rank(checkpoints, par)
-    except RuntimeError as e:
-        out["crash"] = str(e)
-    finally:
-        T.train_step = real_step
     dist.barrier()  # rank 0 has written the step-4 checkpoint
     out["resumed"] = T.train_on_rank(replace(checkpoints, resume=True), par)
     return out
@@ -186,7 +174,6 @@ def test_fsdp_shards_the_model_and_reproduces_the_one_rank_curve(tmp_path_factor
         assert result["sharded"]
         assert torch.equal(result["grads"], cp2()[rank]["striped"][1])
         assert_same_curve(result["records"], reference())
-        assert result["crash"] == "simulated crash"
         keys = ("loss", "grad_norm", "val_loss")
         assert [r["step"] for r in result["resumed"]] == [5, 6, 7, 8]
         for got, want in zip(result["resumed"], result["records"][4:], strict=True):
@@ -335,24 +322,30 @@ def test_learning_rate_schedule():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@cached
-def crashed_run(directory: str) -> str:
-    """A run of BASE with checkpoints every 4 steps that crashes in step 6: its checkpoint holds step 4,
-    its log steps 1 to 5."""
+@contextlib.contextmanager
+def crash_in_step(step: int):
+    """T.train_step raises RuntimeError("simulated crash") in the ``step``-th call made inside the block."""
     real_step, calls = T.train_step, []
 
     def crashing_step(*args, **kwargs):
-        if len(calls) == 5:
-            raise RuntimeError("simulated crash")
         calls.append(1)
+        if len(calls) == step:
+            raise RuntimeError("simulated crash")
         return real_step(*args, **kwargs)
 
     T.train_step = crashing_step
     try:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            one_rank(checkpoint_dir=f"{directory}/ckpt", checkpoint_every=4, log_json=f"{directory}/log.jsonl")
+        yield
     finally:
         T.train_step = real_step
+
+
+@cached
+def crashed_run(directory: str) -> str:
+    """A run of BASE with checkpoints every 4 steps that crashes in step 6: its checkpoint holds step 4,
+    its log steps 1 to 5."""
+    with crash_in_step(6), pytest.raises(RuntimeError, match="simulated crash"):
+        one_rank(checkpoint_dir=f"{directory}/ckpt", checkpoint_every=4, log_json=f"{directory}/log.jsonl")
     assert T.load_checkpoint(f"{directory}/ckpt")["step"] == 4
     assert len(open(f"{directory}/log.jsonl").readlines()) == 5
     return directory
