@@ -234,6 +234,16 @@ def test_world_of_one_without_process_group():
     assert max(relative_error(g, w) for g, w in zip(got, want)) < 1e-12
 
 
+def test_only_the_inputs_that_need_gradients_get_them_and_a_second_derivative_is_refused():
+    q, k, v, _ = full_inputs(0, 1, 4, 2, 32, 16)
+    q.requires_grad_()
+    out = ring_attention(q, k, v)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    assert dq.shape == q.shape and k.grad is None and v.grad is None
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()
+
+
 class _SplitTriangle(Layout):
     """A test layout: one rank, its causal block cut into a rectangle first, then two half triangles, so the
     first block does not span every query (the engine must start the sums from zeros, not from it)."""
