@@ -9,7 +9,9 @@ The task needs attention: each sequence counts up with its own stride (mod the v
 the next token means reading the stride off earlier tokens. ``--documents N`` packs N such documents into each
 sequence, their position ids restarting at 0 (as transformers' ``DataCollatorWithFlattening`` packs them): each
 token attends only to its own document. Without torchrun it runs on one process; ``--plain`` runs the
-unmodified model there, for the loss curve to compare with. Nothing is downloaded.
+unmodified model there, for the loss curve to compare with. ``--fsdp`` shards the model over the ranks with
+FSDP2 (whose reduce-scatter then averages the gradients) and ``--gradient-checkpointing`` turns on
+transformers' own activation checkpointing: the same losses either way. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -47,9 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plain", action="store_true",
                    help="run the unmodified model instead (sdpa attention, transformers' own loss), one process only; "
                         "its loss curve is the one the ring must reproduce")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard every decoder layer and the model over the ranks with FSDP2 (torchrun only)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="transformers' activation checkpointing: each layer, the ring included, recomputed in the "
+                        "backward")
     args = p.parse_args(argv)
     if args.plain and under_torchrun():
         p.error("--plain runs on one process: start it without torchrun")
+    if args.fsdp and not under_torchrun():
+        p.error("--fsdp shards the model over torchrun's ranks: start it with torchrun")
     for name in ("steps", "seq_len", "batch_size", "threads", "documents"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -102,6 +111,16 @@ def main(argv=None) -> int:
     model = tiny_model(args.family, args.seed).to(device)
     if not args.plain:
         model = prepare(model, layout=args.layout)
+    if args.gradient_checkpointing:  # activation_checkpointing_enable in newer transformers
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data = torch.Generator().manual_seed(args.seed)  # the same stream on every rank
@@ -118,7 +137,7 @@ def main(argv=None) -> int:
         out.loss.backward()
         loss = out.loss.detach()
         if world > 1:  # data-parallel mean over the context-parallel group: exact gradients and loss
-            for p in model.parameters():
+            for p in model.parameters() if not args.fsdp else ():  # FSDP's reduce-scatter averaged them
                 dist.all_reduce(p.grad)
                 p.grad /= world
             dist.all_reduce(loss)

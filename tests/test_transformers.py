@@ -371,12 +371,13 @@ def test_finetune_example_under_torchrun():
 
 def test_finetune_example_packs_documents_as_transformers_does():
     """--documents 3: the ring on 2 ranks reproduces plain transformers' losses on the packed batches (its
-    sdpa masks packed documents from restarting position ids)."""
+    sdpa masks packed documents from restarting position ids), also with the model under FSDP and activation
+    checkpointing."""
     example = [str(ROOT / "examples" / "finetune_transformers.py"), "--steps", "3", "--seq-len", "64",
                "--documents", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = [[sys.executable, *example, "--plain"],
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *example]]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *example]
+    runs = [[sys.executable, *example, "--plain"], torchrun, [*torchrun, "--fsdp", "--gradient-checkpointing"]]
     losses = []
     for cmd in runs:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
@@ -384,4 +385,4 @@ def test_finetune_example_packs_documents_as_transformers_does():
         match = re.search(r"in 3 documents x 4: loss ([\d.]+) -> ([\d.]+) in 3 steps", done.stdout)
         assert match, done.stdout
         losses.append(match.groups())
-    assert losses[0] == losses[1], losses
+    assert losses[0] == losses[1] == losses[2], losses
