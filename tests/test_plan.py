@@ -112,6 +112,8 @@ def test_plan_for_the_papers_a100_setting():
     assert step["contiguous", "fwd"].critical_path_s > 1.8 * step["striped", "fwd"].critical_path_s
     assert 0.9e9 < MODELS["1b"].num_params() < 1.4e9
     assert p.memory.total() < p.memory.total(checkpointed=False)
+    assert p.memory.model_state_sharded == pytest.approx(p.memory.model_state / 8)  # FSDP over the 8 devices
+    assert p.memory.total(sharded=True) == pytest.approx(p.memory.total() - 7 / 8 * p.memory.model_state)
 
 
 def test_plan_over_infiniband_does_not_hide_small_blocks():

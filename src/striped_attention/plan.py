@@ -232,14 +232,16 @@ class Memory:
     """Bytes per device; the same for every layout (each device holds seq_len / N tokens of everything)."""
 
     model_state: float  # weights, gradients and Adam state, replicated (16 bytes per parameter)
+    model_state_sharded: float  # the same sharded over the N devices (FSDP, train --fsdp)
     activations: float  # saved for backward by every layer, no recomputation
     activations_checkpointed: float  # each layer's input, plus one layer recomputed at a time
     logits: float  # float32 logits of this device's tokens
     ring_buffers: float  # K/V in hand and in flight, float32 accumulators, dK/dV in flight
 
-    def total(self, checkpointed: bool = True) -> float:
+    def total(self, checkpointed: bool = True, sharded: bool = False) -> float:
         acts = self.activations_checkpointed if checkpointed else self.activations
-        return self.model_state + acts + self.logits + self.ring_buffers
+        state = self.model_state_sharded if sharded else self.model_state
+        return state + acts + self.logits + self.ring_buffers
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,7 @@ def _smallest_hiding_block(work_per_c2: float, bytes_per_c: float, hw: Hardware)
     return math.ceil((b + math.sqrt(b * b + 4 * a * lat)) / (2 * a))
 
 
-def _memory(m: LlamaConfig, c: int, batch: int, nbytes: int) -> Memory:
+def _memory(m: LlamaConfig, c: int, n: int, batch: int, nbytes: int) -> Memory:
     tokens = batch * c
     per_layer = tokens * ((6 * m.d_model + 2 * m.kv_dim + 3 * m.d_ff) * nbytes + 4 * m.n_heads)
     kv_block = 2 * tokens * m.kv_dim
@@ -276,6 +278,7 @@ def _memory(m: LlamaConfig, c: int, batch: int, nbytes: int) -> Memory:
     )
     return Memory(
         model_state=m.num_params() * ADAM_BYTES_PER_PARAM,
+        model_state_sharded=m.num_params() * ADAM_BYTES_PER_PARAM / n,
         activations=m.n_layers * per_layer,
         activations_checkpointed=m.n_layers * tokens * m.d_model * nbytes + per_layer,
         logits=tokens * m.vocab_size * 4,
@@ -337,7 +340,7 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
                 critical_path_s=critical_path_s(compute, transfers, hardware.bandwidth, hardware.latency),
                 speedup=speedup,
             ))
-    return Plan(model, hardware, seq_len, n, batch, dtype, tuple(steps), _memory(model, c, batch, nbytes),
+    return Plan(model, hardware, seq_len, n, batch, dtype, tuple(steps), _memory(model, c, n, batch, nbytes),
                 {name: share[name] for name in layouts}, cu_seqlens)
 
 
@@ -463,17 +466,19 @@ def format_plan(p: Plan) -> str:
                      f"{s.min_block:,}", _ms(s.critical_path_s), f"{s.speedup:.2f}x"))
     lines.append(_table(rows))
     mem = p.memory
-    fits = ""
-    if hw.memory is not None:
-        fits = f" of {_gb(hw.memory)}: {'fits' if mem.total() <= hw.memory else 'does NOT fit'}"
+
+    def fits(total: float) -> str:
+        return "" if hw.memory is None else f" of {_gb(hw.memory)}: {'fits' if total <= hw.memory else 'does NOT fit'}"
+
     lines += [
         "",
         "memory per device (the same for every layout):",
-        f"  model state (16 B/param, replicated) {_gb(mem.model_state)}; logits (fp32) {_gb(mem.logits)}; "
-        f"ring buffers {_gb(mem.ring_buffers)}",
+        f"  model state (16 B/param) {_gb(mem.model_state)} replicated, {_gb(mem.model_state_sharded)} sharded over "
+        f"the {p.sp_degree} devices (FSDP); logits (fp32) {_gb(mem.logits)}; ring buffers {_gb(mem.ring_buffers)}",
         f"  activations: {_gb(mem.activations)} saved by every layer, {_gb(mem.activations_checkpointed)} "
         f"with per-layer checkpointing",
-        f"  total with checkpointing {_gb(mem.total())}{fits}",
+        f"  total with checkpointing {_gb(mem.total())}{fits(mem.total())}",
+        f"  total with checkpointing and FSDP {_gb(mem.total(sharded=True))}{fits(mem.total(sharded=True))}",
         "",
     ]
     if p.cu_seqlens:
