@@ -263,7 +263,8 @@ def test_balanced_layout_matches_one_process(packing):
 
 
 @pytest.mark.parametrize(
-    "case", ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "compiled", "checkpointed", "fsdp", "after-errors"]
+    "case",
+    ["mask-of-ones", "window-covers-sequence", "offsets-per-row", "compiled", "checkpointed", "fsdp", "after-errors"],
 )
 def test_what_is_exact_is_served(case):
     for report in reports():

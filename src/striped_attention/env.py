@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from pathlib import Path
 from importlib import metadata
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -73,7 +73,7 @@ def report() -> dict:
         backends = [name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()))
                     if ok]
     return {
-        "striped_attention": __version__,  # also when run from a source tree, where no package metadata is
+        "striped_attention": __version__,  # the package's own: a source tree on PYTHONPATH has no metadata
         "location": str(Path(__file__).parent),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -90,8 +90,9 @@ def _print(info: dict) -> None:
     cpu = info["cpu"]
     own = cpu["own_kernel"]
     lines = [
-        f"striped-attention {info['striped_attention']} ({info['location']}), torch {info['torch']} (CUDA build: {info['cuda_build']}), "
-        f"Python {info['python']}, transformers {info['transformers'] or 'not installed'}",
+        f"striped-attention {info['striped_attention']} ({info['location']}), torch {info['torch']} "
+        f"(CUDA build: {info['cuda_build']}), Python {info['python']}, "
+        f"transformers {info['transformers'] or 'not installed'}",
         f"platform: {info['platform']}",
         f"CPU: {cpu['capability']} vector unit, {cpu['threads']} torch thread(s), BLAS {cpu['blas']}",
         "CPU kernel: not built, torch CPU flash used instead (see the warning above)" if own is None else

@@ -471,7 +471,7 @@ def resumable_state(cfg: TrainConfig, *, mmap: bool = False) -> dict:
         detail = ", ".join(f"{k}={now!r} (checkpoint: {then!r})" for k, (now, then) in differ.items())
         raise ValueError(f"cannot resume: this run differs from its checkpoint in {detail}")
     if state.get("fsdp", False) != cfg.fsdp:
-        saved_with = "with --fsdp" if cfg.fsdp is False else "without --fsdp"
+        saved_with = "without --fsdp" if cfg.fsdp else "with --fsdp"
         raise ValueError(f"cannot resume: the checkpoint was saved {saved_with}; resume {saved_with} too")
     return state
 
