@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from .cli import UsageError
 from .kernels import BACKENDS, CUDA_KERNELS
 from .layouts import LAYOUTS, for_documents, get_layout, shard
 from .ring import check_head_groups, record_steps, ring_attention
@@ -470,7 +471,7 @@ def main(args) -> int:
         for name in cfg.layouts * (not under_torchrun()):  # under torchrun the ranks check their own world
             get_layout(for_documents(name, None, cfg.world_size)).check(cfg.seq_len, cfg.world_size)
     except ValueError as e:
-        raise SystemExit(f"striped-attention bench: error: {e}") from None
+        raise UsageError("bench", e) from None
     lead = not under_torchrun() or int(os.environ["RANK"]) == 0
     if lead:
         ranks = "torchrun's ranks" if under_torchrun() else f"{cfg.world_size} local {cfg.device} rank(s)"

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 
 # Each module has add_parser(subparsers), which registers its subcommand and sets func(args) -> exit code.
 COMMANDS = ("demo", "train", "bench", "simulate", "plan", "env")
+
+
+class UsageError(SystemExit):
+    """A bad argument value, found after parsing: exit status 2, as argparse gives its own errors. ``str()`` is
+    the message, which :func:`main` prints."""
+
+    def __init__(self, command: str, message) -> None:
+        super().__init__(2)
+        self.message = f"striped-attention {command}: error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def describe(doc: str) -> str:
@@ -35,10 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        raise
+    except BrokenPipeError:  # stdout piped into a reader that stopped (`| head`): end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as the package's module, whose UsageError the commands raise, not as a copy
+    from striped_attention.cli import main as package_main
+
+    sys.exit(package_main())

@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .bench import random_documents
-from .cli import describe
+from .cli import UsageError, describe
 from .layouts import BALANCED, LAYOUTS, Documents, cut_at_documents, for_documents, get_layout
 from .models.llama import PRESETS, LlamaConfig
 from .ring import source_rank
@@ -506,7 +506,7 @@ def main(args) -> int:
                       dtype=args.dtype, layouts=args.layouts,
                       cu_seqlens=random_documents(args.seq_len, args.documents, args.seed))
     except ValueError as e:
-        raise SystemExit(f"striped-attention plan: error: {e}") from None
+        raise UsageError("plan", e) from None
     print(format_plan(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -26,7 +26,7 @@ from . import ring as ring_engine
 from .bench import (
     PASSES, Progress, add_workload_arguments, format_rows, plot_path, random_documents, random_inputs, workload_fields,
 )
-from .cli import describe
+from .cli import UsageError, describe
 from .kernels import default_scale
 from .launch import torch_threads
 from .layouts import LAYOUTS, cut_at_documents, for_documents, get_layout
@@ -382,7 +382,7 @@ def main(args) -> int:
         sizes = args.world_sizes or [cfg.world_size]
         configs = sweep_configs(cfg, sizes, args.tokens_per_rank)
     except ValueError as e:
-        raise SystemExit(f"striped-attention simulate: error: {e}") from None
+        raise UsageError("simulate", e) from None
     comm = "no communication model" if cfg.bandwidth_gbs is None else \
         f"links of {cfg.bandwidth_gbs:g} GB/s + {cfg.latency_us:g} us"
     tokens = f"{args.tokens_per_rank} tokens per rank" if args.tokens_per_rank else f"{cfg.seq_len} tokens"
