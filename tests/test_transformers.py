@@ -143,6 +143,36 @@ def compare(family: str, layout: str, packing: str | None = None, compiled: bool
     }
 
 
+PADDING = torch.ones(2, SEQ, dtype=torch.long)
+PADDING[0, 19:] = 0  # right padding
+PADDING[1, :3] = 0  # left padding
+
+
+def compare_padded(family: str, layout: str) -> dict[str, float]:
+    """A batch padded as a tokenizer pads it (PADDING), its mask given to shard_inputs, against one process
+    given the mask: logits of the tokens, loss and gradients, with no target taken across the padding."""
+    ids, labels = inputs()
+    ref = tiny_model(family)
+    logits = ref(input_ids=ids, attention_mask=PADDING).logits
+    targets = F.pad(labels.masked_fill(PADDING == 0, -100)[:, 1:], (0, 1), value=-100).masked_fill(PADDING == 0, -100)
+    want_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    want_loss.backward()
+    model = prepare(copy.deepcopy(ref), layout=layout)
+    model.zero_grad()
+    batch = shard_inputs(input_ids=ids, labels=labels, attention_mask=PADDING, layout=layout)
+    assert "attention_mask" not in batch
+    got = model(**batch)
+    got.loss.backward()
+    rows = [list(range(0, 19)), list(range(3, SEQ))]  # each row's tokens
+    got_logits = unshard(got.logits.detach(), layout=layout, dim=1)
+    return {
+        "logits": max(relative_error(got_logits[b, row], logits[b, row].detach().double()) for b, row in enumerate(rows)),
+        "loss": abs(mean_over_ranks(got.loss).item() / want_loss.item() - 1),
+        "grad": max(relative_error(mean_over_ranks(p.grad), q.grad.double())
+                    for p, q in zip(model.parameters(), ref.parameters())),
+    }
+
+
 def layout_of_batch(layout: str, rows):
     """What a batch with documents ``rows`` (one tuple of offsets per row, or None) is sharded in."""
     import torch.distributed as dist
@@ -226,6 +256,8 @@ def run_all():
     report["compiled"] = compare("llama", "striped", compiled=True)
     report["checkpointed"] = compare("qwen2", "zigzag", "same-documents", checkpointed=True)
     report["fsdp"] = compare("llama", "striped", fsdp=True)
+    for layout in sorted(LAYOUTS):
+        report[("padding", layout)] = compare_padded("qwen2", layout)
     report.update({name: error_of(fn) for name, fn in bad_calls(dist.get_rank()).items()})
     report["after-errors"] = compare("qwen2", "striped")
     return report
@@ -251,6 +283,14 @@ def test_logits_loss_and_gradients_match_one_process(family, layout):
 def test_packed_documents_match_each_document_on_its_own(layout, packing):
     for report in reports():
         errors = report[(packing, layout)]
+        assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_padding_masks_given_to_shard_inputs_are_served_exactly(layout):
+    """Left and right padding: the tokens' logits, the loss and every gradient of the model given the mask."""
+    for report in reports():
+        errors = report[("padding", layout)]
         assert max(errors.values()) <= TOL, errors
 
 
@@ -321,6 +361,11 @@ def test_world_of_one_serves_packed_documents():
     assert same["cu_seq_lens_q"].tolist() == list(DOCUMENTS)
     assert torch.equal(same["position_ids"], restarting(DOCUMENTS).unsqueeze(0))
     assert "cu_seq_lens_q" not in shard_inputs(input_ids=ids, position_ids=torch.arange(SEQ) + 7)  # one document
+    padded = shard_inputs(input_ids=ids, labels=ids, attention_mask=PADDING, cu_seqlens=DOCUMENTS)
+    assert padded["cu_seq_lens_q"].tolist() == [[0, 5, 16, 19, 24], [0, 3, 5, 16, 24]]  # padding: documents too
+    assert (padded["labels"][0, 18:] == -100).all() and (padded["labels"][1, :3] == -100).all()
+    assert torch.equal(padded["position_ids"], restarting(DOCUMENTS).unsqueeze(0))  # as given, not cut
+    assert "cu_seq_lens_q" not in shard_inputs(input_ids=ids, attention_mask=torch.ones(2, SEQ))  # no padding
 
 
 @pytest.mark.parametrize(
@@ -341,6 +386,13 @@ def test_world_of_one_serves_packed_documents():
          "position_ids must have shape"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), layout="ring"), "unknown layout"),
         (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), layout="ring"), "or 'balanced'"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), attention_mask=torch.ones(2, SEQ - 1)),
+         "attention_mask must be a tensor of the shape of input_ids (2, 24), got (2, 23)"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long), attention_mask=torch.full((2, SEQ), 2)),
+         "attention_mask must hold only 0 (padding) and 1 (tokens)"),
+        (dict(input_ids=torch.zeros(2, SEQ, dtype=torch.long),
+              attention_mask=torch.ones(2, SEQ).index_fill(1, torch.tensor([0, 9]), 0)),
+         "attention_mask row 0 has padding between tokens"),
     ],
 )
 def test_shard_inputs_rejects_bad_arguments(kwargs, message):

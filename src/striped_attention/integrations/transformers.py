@@ -30,9 +30,12 @@ Packed documents: position ids that restart (transformers' convention, ``DataCol
 ``shard_inputs(..., cu_seqlens=...)`` keep each token within its own document; ``shard_inputs`` returns the
 documents' global offsets as ``cu_seq_lens_q``/``cu_seq_lens_k``, which the model passes to every layer's ring.
 
-What cannot be served exactly raises ValueError, on every rank: padding masks with zeros, sliding windows
-shorter than the sequence, non-causal attention, attention dropout, attention weights as outputs, KV caches
-(generation), softcapping and attention sinks.
+Padding: ``shard_inputs(..., attention_mask=mask)`` takes a tokenizer's padding mask (left or right padding)
+and makes the padding documents of their own, so no token attends to it.
+
+What cannot be served exactly raises ValueError, on every rank: padding masks given to the model, sliding
+windows shorter than the sequence, non-causal attention, attention dropout, attention weights as outputs, KV
+caches (generation), softcapping and attention sinks.
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ def shard_inputs(
     labels: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     cu_seqlens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     layout: str | Layout = "striped",
     group: dist.ProcessGroup | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -163,6 +167,9 @@ def shard_inputs(
         cu_seqlens: packed documents as offsets ``[0, len_0, len_0 + len_1, ..., seq]`` (flash-attn's
             convention): one list for every row, or one per row; position ids, if given, may restart only
             where a document starts. Optional: restarting position ids say the same.
+        attention_mask: (batch, seq) padding mask as tokenizers make it: in each row one run of ones, the
+            tokens, with zeros (padding) before it, after it or both. The padding becomes documents of its
+            own, so no token attends to it, and its labels -100; the model gets no mask. Optional.
         layout: as given to :func:`prepare`. For ``"balanced"``, :func:`~striped_attention.balance_documents`
             of the documents is the layout the batch is sharded in (unshard with it).
         group: as given to :func:`prepare`.
@@ -175,7 +182,8 @@ def shard_inputs(
 
     Raises:
         ValueError: on bad shapes or dtypes, a length the layout cannot split, position ids that restart
-            inside a document of ``cu_seqlens``, or rows with different documents for ``"balanced"``.
+            inside a document of ``cu_seqlens``, a mask with zeros between tokens, or rows with different
+            documents for ``"balanced"``.
     """
     named = _named(layout)
     _check_ids("input_ids", input_ids, None)
@@ -183,6 +191,9 @@ def shard_inputs(
     rank, size = _group_rank_size(group)
     get_layout("contiguous" if named == BALANCED else named).check(seq, size)
     position_ids, documents = _positions_and_documents(position_ids, cu_seqlens, batch, seq)
+    padding = None if attention_mask is None else _padding(attention_mask, input_ids.shape)
+    if padding is not None:
+        documents = _cut_at_padding(documents, padding)
     lay = _layout_of_batch(named, documents, size)
     out = {
         "input_ids": shard(input_ids, layout=lay, dim=1, group=group),
@@ -193,6 +204,8 @@ def shard_inputs(
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         for b, row in enumerate(documents):  # a document's last token has no next one
             shifted[slice(None) if len(documents) == 1 else b, [start - 1 for start in row[1:-1]]] = IGNORE_INDEX
+        if padding is not None:  # nor is padding trained
+            shifted[~padding.to(shifted.device)] = IGNORE_INDEX
         out["labels"] = shard(shifted.to(input_ids.device), layout=lay, dim=1, group=group)
     if any(len(row) > 2 for row in documents):
         out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = offsets_tensor(documents, input_ids.device)
@@ -213,7 +226,8 @@ _UNSUPPORTED = {
     ),
     "mask": (
         "attention_mask must be None or a (batch, seq) mask of ones: the ring applies the causal mask only, "
-        "so padding holes would be attended; right-pad with labels -100 instead (exact under a causal mask)"
+        "so padding would be attended; give the padding mask to shard_inputs(attention_mask=...), which makes "
+        "the padding documents of its own"
     ),
     "no_positions": (
         "position_ids are missing, so the model would number this rank's tokens 0..local_seq-1; "
@@ -509,6 +523,33 @@ def _check_ids(name: str, t, shape) -> None:
         raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(t.shape)}")
     if shape is not None and t.shape != shape:
         raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _padding(mask, shape) -> torch.Tensor:
+    """(batch, seq) bool on the CPU, True at tokens, from a padding mask; ValueError unless each row's ones are
+    one run."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != shape:
+        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    tokens = mask.bool().cpu()
+    runs = (tokens.int().diff(dim=1, prepend=torch.zeros(shape[0], 1, dtype=torch.int)) == 1).sum(dim=1)
+    if bool((runs > 1).any()):
+        row = int((runs > 1).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} has padding between tokens: the ring serves padding before "
+                         "or after a row's tokens, not holes (pack documents with cu_seqlens instead)")
+    return tokens
+
+
+def _cut_at_padding(documents: list[list[int]], tokens: torch.Tensor) -> list[list[int]]:
+    """Each row's documents cut also where its padding starts and ends, so padding is a document of its own."""
+    rows = []
+    for b, row in enumerate(tokens):
+        held = row.nonzero().flatten()
+        cuts = {int(held[0]), int(held[-1]) + 1} if len(held) else set()
+        rows.append(sorted(set(documents[b % len(documents)]) | cuts))
+    return rows if any(row != rows[0] for row in rows) else rows[:1]
 
 
 def _positions_and_documents(position_ids, cu_seqlens, batch: int, seq: int):
