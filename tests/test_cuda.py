@@ -236,6 +236,17 @@ def test_training_on_cuda():
     assert abs(losses[0] / want[0] - 1) < 1e-2, (losses[0], want[0])  # step 1: before any update
 
 
+def test_a_padded_batch_of_a_transformers_model_on_cuda():
+    """The padding mask, on the GPU, given to shard_inputs: the tokens' logits, loss and gradients of the model
+    given the mask (a world of one)."""
+    pytest.importorskip("transformers")
+    from test_transformers import TOL as HF_TOL
+    from test_transformers import compare_padded
+
+    errors = compare_padded("llama", "striped", device="cuda")
+    assert max(errors.values()) <= HF_TOL, errors
+
+
 @pytest.mark.parametrize("packing", [None, "documents-per-row"])
 def test_a_transformers_model_on_cuda(packing):
     """A world of one serving a transformers model on the GPU, its batch moved there as a user would: logits,
