@@ -45,10 +45,11 @@ def measure(cfg: T.TrainConfig, layouts: tuple[str, ...], warmup: int, repeats: 
     model, optimizer = T.build_model_and_optimizer(cfg, device)
     ids, labels = T.training_batch(T.load_corpus(cfg.data, val_percent=cfg.val_percent), 1, cfg)
     batches = {}
+    rows = None if cu_seqlens is None else [list(cu_seqlens)] * ids.shape[0]  # LocalBatch's: one list per row
     for name in layouts:  # every row packs the same documents, so balanced has one order for the batch
         layout = for_documents(name, cu_seqlens, par.cp)
         pos = positions(cfg.seq_len, layout=layout, rank=par.cp_rank, world_size=par.cp).to(device)
-        batches[name] = T.LocalBatch(ids[:, pos].to(device), labels[:, pos].to(device), pos, cu_seqlens, layout)
+        batches[name] = T.LocalBatch(ids[:, pos].to(device), labels[:, pos].to(device), pos, rows, name)
     lead = par.cp_rank == 0 and par.dp_rank == 0
     progress = Progress("train bench") if show_progress and lead else None
     times = {name: [] for name in layouts}

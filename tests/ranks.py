@@ -70,12 +70,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def sharded_run(layout, dtype, q, k, v, dout, device="cpu", **kwargs):
+def sharded_run(layout, dtype, q, k, v, dout, device="cpu", ring_layout=None, **kwargs):
     """Shard, run ring attention forward+backward on ``device``, unshard on the CPU: (out, dq, dk, dv) over the
-    whole sequence."""
+    whole sequence. ``ring_layout``: what ring_attention is told, if not ``layout``."""
     from striped_attention import ring_attention
 
     local = [shard(t, layout=layout, dim=2).to(device, dtype).requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*local, layout=layout, **kwargs)
+    out = ring_attention(*local, layout=layout if ring_layout is None else ring_layout, **kwargs)
     out.backward(shard(dout, layout=layout, dim=2).to(device, dtype))
     return tuple(unshard(t.cpu(), layout=layout, dim=2) for t in (out.detach(), *(t.grad for t in local)))

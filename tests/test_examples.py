@@ -49,3 +49,14 @@ def test_kernels_benchmark_tables(capsys):
             values = [float(cell.strip().rstrip("x")) for cell in row[3:]]
             assert len(values) == 1 + cells and min(values) > 0, row
     assert torch.get_num_threads() == before  # its --threads (1) do not outlive it
+
+
+def test_train_benchmark_with_packed_documents():
+    """benchmarks/train.py on 2 ranks with packed documents, balanced among the layouts: a row per layout."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--model", "tiny", "--seq-len", "512",
+           "--world-size", "2", "--layouts", "contiguous,striped,balanced", "--documents", "8", "--warmup", "0",
+           "--repeats", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"contiguous", "striped", "balanced"} <= set(rows), done.stdout

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from ranks import cached, error_of, full_inputs, reference, relative_error, run_ranks, sharded_run
-from striped_attention import LAYOUTS, Block, Layout, kernels, positions, ring_attention, shard, unshard
+from striped_attention import (
+    LAYOUTS, Block, Layout, balance_documents, kernels, positions, ring_attention, shard, unshard,
+)
 from striped_attention.launch import torch_threads
 from striped_attention.layouts import DocumentOrder, Documents, for_documents
 
@@ -132,6 +134,18 @@ def run_checks():
     report["extreme-finite"] = all(torch.isfinite(g).all().item() for g in got)
     report["extreme-error"] = max(relative_error(g, w) for g, w in zip(got, want))
 
+    # layout "balanced" by name: balance_documents' layout of cu_seqlens, also given per row (rows alike)
+    q, k, v, dout = full_inputs(6, 2, 4, 2, 48, 16)
+    balanced = balance_documents(DOCUMENTS, n)
+    named = [sharded_run(balanced, torch.float32, q, k, v, dout, cu_seqlens=cu, ring_layout="balanced")
+             for cu in (DOCUMENTS, torch.tensor([DOCUMENTS] * 2))]
+    instance = sharded_run(balanced, torch.float32, q, k, v, dout)
+    report["balanced-by-name"] = all(torch.equal(a, b) for run in named for a, b in zip(run, instance))
+    one = sharded_run("contiguous", torch.float32, q, k, v, dout)
+    report["balanced-one-document"] = all(
+        torch.equal(a, b) for a, b in zip(sharded_run("contiguous", torch.float32, q, k, v, dout,
+                                                      ring_layout="balanced"), one))
+
     # bad input: every rank gets the ValueError, and the ring still works afterwards
     t = lambda *shape, dtype=torch.float32: torch.randn(*shape, dtype=dtype)  # noqa: E731
     c = 8
@@ -158,6 +172,8 @@ def run_checks():
         "peer-documents-none": lambda: ring_attention(
             *(t(1, 2, c, 4) for _ in range(3)), cu_seqlens=[0, 2 * c] if rank else None
         ),
+        "balanced-rows": lambda: ring_attention(*(t(2, 2, c, 4) for _ in range(3)), layout="balanced",
+                                                cu_seqlens=[[0, 2 * c], [0, 3, 2 * c]]),
         "peer-order": lambda: ring_attention(  # the same documents in another order on each rank
             *(t(1, 2, c, 4) for _ in range(3)),
             layout=Documents(DocumentOrder([0, 3, 9, 2 * c], [[0, 1, 2], [1, 0, 2]][rank]), [0, 3, 9, 2 * c]),
@@ -213,6 +229,7 @@ BAD = {
     "peer-documents-rows": "ranks disagree on cu_seqlens",
     "peer-documents-none": "ranks disagree on cu_seqlens (rank 0: cu_seqlens=None; rank 1: cu_seqlens=checksum",
     "peer-order": "ranks disagree on layout",
+    "balanced-rows": "layout 'balanced' orders one set of documents for every row, but the rows hold different",
 }
 
 
@@ -221,6 +238,13 @@ def test_bad_input_is_a_value_error_on_every_rank(name):
     for report in checks():
         assert report[f"bad-{name}"] is not None, f"no ValueError for {name}"
         assert BAD[name] in report[f"bad-{name}"]
+
+
+def test_balanced_by_name_is_balance_documents_layout():
+    """layout="balanced" with cu_seqlens (one list, or rows alike) computes what balance_documents' layout does,
+    bit for bit; without documents, what contiguous does."""
+    for report in checks():
+        assert report["balanced-by-name"] and report["balanced-one-document"]
 
 
 def test_ring_still_works_after_errors():

@@ -434,14 +434,19 @@ def _balanced_order(lengths: list[int], share: int, world_size: int, rng: random
 BALANCED = DocumentOrder.name
 
 
-def for_documents(name: str, cu_seqlens: Sequence[int] | None, world_size: int) -> str | Layout:
-    """What the commands pass as ``layout`` to shard and ring_attention for the layout named ``name`` (one of
-    LAYOUTS or ``"balanced"``) and packed documents ``cu_seqlens`` (None: one sequence, which balanced lays as
-    contiguous does)."""
+def for_documents(name: str, cu_seqlens, world_size: int) -> str | Layout:
+    """The layout to shard with (and ring_attention's) for the layout named ``name`` (one of LAYOUTS or
+    ``"balanced"``) and packed documents ``cu_seqlens``, in any form ring_attention takes them (None: one
+    sequence). For "balanced": :func:`balance_documents`' order of the documents, which every row must share;
+    one document or none is laid as contiguous lays it."""
     if name != BALANCED:
         get_layout(name)
         return name
-    return "contiguous" if cu_seqlens is None else balance_documents(cu_seqlens, world_size)
+    rows = None if cu_seqlens is None else _rows_of_offsets(cu_seqlens) or (_offsets(cu_seqlens),)
+    if rows is not None and any(row != rows[0] for row in rows):
+        raise ValueError(f"layout {BALANCED!r} orders one set of documents for every row, but the rows hold "
+                         "different documents: pack the same documents in every row, or use striped")
+    return "contiguous" if rows is None or len(rows[0]) <= 2 else balance_documents(rows[0], world_size)
 
 
 def cut_at_documents(name: str, cu_seqlens: Sequence[int] | None, world_size: int) -> Layout:

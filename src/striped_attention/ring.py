@@ -25,7 +25,9 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import kernels, varlen
-from .layouts import EVERY_ROW, Documents, Layout, Packed, _rows_of_offsets, get_layout, offsets_tensor
+from .layouts import (
+    BALANCED, EVERY_ROW, Documents, Layout, Packed, _rows_of_offsets, for_documents, get_layout, offsets_tensor,
+)
 
 __all__ = [
     "ring_attention", "ring_forward", "ring_backward", "source_rank", "last_step", "record_steps", "StepTime",
@@ -56,8 +58,10 @@ def ring_attention(
             (see :func:`shard` and :func:`positions`).
         k, v: (batch, kv_heads, local_seq, head_dim) with ``heads % kv_heads == 0`` (GQA, MQA). Only
             kv_heads travel around the ring.
-        layout: ``"striped"`` (default), ``"contiguous"``, ``"zigzag"`` or a :class:`Layout`, such as
-            :func:`balance_documents`'s for packed documents (which holds their ``cu_seqlens``).
+        layout: ``"striped"`` (default), ``"contiguous"``, ``"zigzag"``, ``"balanced"`` (with ``cu_seqlens``:
+            :func:`balance_documents`' order of the documents, shared by every row, found once per set of
+            documents; shard with ``balance_documents(cu_seqlens, world_size)``; one document: contiguous)
+            or a :class:`Layout`, such as :func:`balance_documents`' (which holds its ``cu_seqlens``).
         group: the sequence-parallel process group; None is the default group, or a world of one rank when
             torch.distributed is not initialized.
         causal: causal masking over the *global* positions; False attends to the whole sequence.
@@ -84,9 +88,10 @@ def ring_attention(
     Raises:
         ValueError: on inconsistent shapes, dtypes or devices, on this rank or between ranks.
 
-    Under ``torch.compile`` a named layout runs as one opaque op (``striped_attention::ring_forward`` and its
-    backward), so the graph holds it without a break, even with ``fullgraph=True``; pass ``cu_seqlens`` as a
-    tensor there, so new documents do not recompile. A :class:`Layout` instance runs eagerly (a graph break).
+    Under ``torch.compile`` a named layout (``"balanced"`` too) runs as one opaque op
+    (``striped_attention::ring_forward`` and its backward), so the graph holds it without a break, even with
+    ``fullgraph=True``; pass ``cu_seqlens`` as a tensor there, so new documents do not recompile. A
+    :class:`Layout` instance runs eagerly (a graph break).
     """
     if torch.compiler.is_compiling():
         return _compiled_ring_attention(q, k, v, layout, group, causal, softmax_scale, cu_seqlens, backend,
@@ -99,8 +104,8 @@ def ring_attention(
 def _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups):
     """(layout, ring, scale, head groups) of a call, checked on this rank and, once per new signature, between
     the ranks."""
-    lay = get_layout(layout)
     ring = _Ring(group)
+    lay = get_layout(for_documents(BALANCED, cu_seqlens, ring.size) if layout == BALANCED else layout)
     if cu_seqlens is not None:
         lay = _with_documents(lay, cu_seqlens, q.shape[0])
     lay.check(q.shape[2] * ring.size, ring.size)

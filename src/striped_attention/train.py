@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from .bench import Progress
-from .layouts import BALANCED, LAYOUTS, Layout, for_documents, get_layout, offsets_tensor, positions
+from .layouts import BALANCED, LAYOUTS, for_documents, get_layout, offsets_tensor, positions
 from .models.llama import PRESETS, Llama, get_config
 
 __all__ = [
@@ -276,14 +276,15 @@ def file_offsets(ids: torch.Tensor) -> list[list[int]]:
 
 class LocalBatch(NamedTuple):
     """This rank's share of the global batch: ``ids`` and ``labels`` (batch/dp, seq_len/cp), ``positions``
-    (seq_len/cp,) the global positions for RoPE, ``cu_seqlens`` each row's files (or None), and the ``layout``
-    it was sharded with (a name, or the balanced layout of its files)."""
+    (seq_len/cp,) the global positions for RoPE, ``cu_seqlens`` each row's files (or None), and the name of the
+    ``layout`` it was sharded with (for "balanced", ring_attention finds the order of the files again from
+    ``cu_seqlens``, so a compiled model holds the ring in its graph)."""
 
     ids: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
     cu_seqlens: list[list[int]] | None
-    layout: str | Layout
+    layout: str
 
 
 def local_batch(ids: torch.Tensor, labels: torch.Tensor, *, layout: str, par: Parallel,
@@ -299,9 +300,9 @@ def local_batch(ids: torch.Tensor, labels: torch.Tensor, *, layout: str, par: Pa
     cu_seqlens = file_offsets(ids[mine]) if documents else None
     if layout == BALANCED and cu_seqlens is not None and len(cu_seqlens) != 1:
         raise ValueError(f"layout {BALANCED!r} orders one row's files; this replica has {len(cu_seqlens)} rows")
-    lay = for_documents(layout, cu_seqlens and cu_seqlens[0], par.cp)
+    lay = for_documents(layout, cu_seqlens, par.cp)
     pos = positions(ids.shape[1], layout=lay, rank=par.cp_rank, world_size=par.cp).to(ids.device)
-    return LocalBatch(ids[mine][:, pos], labels[mine][:, pos], pos, cu_seqlens, lay)
+    return LocalBatch(ids[mine][:, pos], labels[mine][:, pos], pos, cu_seqlens, layout)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ _UNSUPPORTED = {
 class _Setup:
     """A ring attention function registered under ``name`` for one (layout, group), and its companions."""
 
-    layout: str | Layout  # a name (BALANCED: each batch's own, _layout_of_batch), or a Layout of one's own
+    layout: str | Layout  # a name (BALANCED: each batch's order of its documents), or a Layout of one's own
     group: dist.ProcessGroup | None
     name: str
 
@@ -266,12 +266,8 @@ class _Setup:
         (batch, kv_heads, local_seq, head_dim); returns ((batch, local_seq, heads, head_dim), None)."""
         self._check_call(module, query, key, attention_mask, dropout, kwargs)
         documents = kwargs.get("cu_seq_lens_q")  # packed documents, from shard_inputs (checked by the hook)
-        layout = self.layout  # a name (under torch.compile, one op in the graph) or a Layout
-        if layout == BALANCED:
-            size = _group_rank_size(self.group)[1]
-            layout = _layout_of_batch(layout, _document_rows(documents, query.shape[2] * size), size)
-        out = ring_attention(
-            query, key, value, layout=layout, group=self.group, causal=True, softmax_scale=scaling,
+        out = ring_attention(  # a named layout (BALANCED: the ring orders the documents) is one op when compiled
+            query, key, value, layout=self.layout, group=self.group, causal=True, softmax_scale=scaling,
             cu_seqlens=documents,
         )
         return out.transpose(1, 2).contiguous(), None
@@ -473,7 +469,7 @@ def _layout_of_batch(layout: str | Layout, rows, world_size: int) -> str | Layou
         return layout
     if any(list(row) != list(rows[0]) for row in rows):
         raise ValueError(_UNSUPPORTED["balanced_rows"])
-    return get_layout(for_documents(BALANCED, rows[0] if len(rows[0]) > 2 else None, world_size))  # one: contiguous
+    return get_layout(for_documents(BALANCED, rows[0], world_size))  # one document: contiguous
 
 
 def _collective_device(group, device: torch.device) -> torch.device:
