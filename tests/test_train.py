@@ -280,20 +280,22 @@ def test_balanced_files_reproduce_the_one_rank_curve(tmp_path):
         assert_same_curve(records, tuple(want))
 
 
-def test_compiled_model_reproduces_the_one_rank_curve(tmp_path):
+@pytest.mark.parametrize("layout, batch", [("zigzag", BASE.batch), ("balanced", 1)])
+def test_compiled_model_reproduces_the_one_rank_curve(tmp_path, layout, batch):
     """--compile: the model under torch.compile (aot_eager: the graphs inductor would get, without building
-    code), the ring one op in them, new documents every step; the same curve as one eager rank."""
+    code), the ring one op in them (balanced too: by name), new documents every step; the same curve as one
+    eager rank."""
     data = _small_files(tmp_path)
-    want = T.train_on_rank(replace(BASE, data=data, documents=True, seq_len=512, steps=4, eval_every=2))
-    for records, graphs in run_ranks(run_compiled, 2, data):
+    want = T.train_on_rank(replace(BASE, data=data, documents=True, seq_len=512, steps=4, eval_every=2, batch=batch))
+    for records, graphs in run_ranks(run_compiled, 2, data, layout, batch):
         assert_same_curve(records, tuple(want))
         # training: a graph for the first batch, a dynamic one once the number of documents changes; validation
         # (no grad) its own; new documents in each of the 4 steps compile nothing more
         assert 1 <= graphs <= 3, graphs
 
 
-def run_compiled(data: str) -> tuple[list[dict], int]:
-    records = run_documents(data, "zigzag", BASE.batch, "aot_eager")
+def run_compiled(data: str, layout: str, batch: int) -> tuple[list[dict], int]:
+    records = run_documents(data, layout, batch, "aot_eager")
     return records, torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
