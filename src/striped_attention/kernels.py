@@ -16,6 +16,7 @@ import functools
 import math
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import torch
@@ -129,7 +130,10 @@ def cpu_extension():
     if not _extension:
         capability = torch.backends.cpu.get_cpu_capability()
         vec = capability if capability in _VEC_FLAGS else "DEFAULT"
-        name = f"striped_attention_flash_cpu_{vec}_torch{torch.__version__}".replace(".", "_").replace("+", "_")
+        # one build per checkout too: torch rebuilds a name whose source path changed, so two checkouts of one
+        # name on a machine would rebuild it (about 30 s) each time the other one ran
+        where = f"{zlib.crc32(str(_CSRC).encode()):08x}"
+        name = f"striped_attention_flash_cpu_{vec}_torch{torch.__version__}_{where}".replace(".", "_").replace("+", "_")
         flags = ["-O3", *_VEC_FLAGS.get(vec, []), f"-DCPU_CAPABILITY={vec}"]
         flags += [f"-DCPU_CAPABILITY_{vec}"] if vec != "DEFAULT" else []
         # without -fopenmp, at::parallel_for in the kernel would run its tasks one after the other
