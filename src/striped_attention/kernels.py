@@ -133,7 +133,8 @@ def cpu_extension():
         # one build per checkout too: torch rebuilds a name whose source path changed, so two checkouts of one
         # name on a machine would rebuild it (about 30 s) each time the other one ran
         where = f"{zlib.crc32(str(_CSRC).encode()):08x}"
-        name = f"striped_attention_flash_cpu_{vec}_torch{torch.__version__}_{where}".replace(".", "_").replace("+", "_")
+        name = f"striped_attention_flash_cpu_{vec}_torch{torch.__version__}_{where}"
+        name = name.replace(".", "_").replace("+", "_")
         flags = ["-O3", *_VEC_FLAGS.get(vec, []), f"-DCPU_CAPABILITY={vec}"]
         flags += [f"-DCPU_CAPABILITY_{vec}"] if vec != "DEFAULT" else []
         # without -fopenmp, at::parallel_for in the kernel would run its tasks one after the other
