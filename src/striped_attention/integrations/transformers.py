@@ -467,9 +467,7 @@ def _layout_of_batch(layout: str | Layout, rows, world_size: int) -> str | Layou
     sharded in: ``layout``, or for BALANCED the balanced order of the one set of documents."""
     if layout != BALANCED:
         return layout
-    if any(list(row) != list(rows[0]) for row in rows):
-        raise ValueError(_UNSUPPORTED["balanced_rows"])
-    return get_layout(for_documents(BALANCED, rows[0], world_size))  # one document: contiguous
+    return get_layout(for_documents(BALANCED, rows, world_size))  # rows that differ raise; one document: contiguous
 
 
 def _collective_device(group, device: torch.device) -> torch.device:
