@@ -42,6 +42,15 @@ def test_bench_json_contract(bench_run):
     assert data["config"]["kv_heads"] == 1 and data["config"]["documents"] == 5
 
 
+def test_bench_under_a_sliding_window_checks_against_sdpa_with_its_mask(tmp_path):
+    assert cli.main(["bench", "--world-size", "2", "--seq-len", "128", "--heads", "2", "--head-dim", "16",
+                     "--repeats", "1", "--warmup", "0", "--pass", "fwd+bwd", "--check", "--window", "40",
+                     "--json", str(tmp_path / "bench.json")]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["config"]["window"] == 40
+    assert all(r["max_error"] < 1e-5 for r in data["results"])  # float32 against SDPA under the window
+
+
 def test_bench_documents_are_random_cuts_shared_by_every_rank():
     cfg = BenchConfig(seq_len=100, documents=7, seed=3)
     cu = cfg.cu_seqlens()

@@ -61,6 +61,7 @@ def _run_all():
     report["documents-per-row"] = _compiled_against_eager(attention("striped", causal=False), calls=[rows])
     report["balanced"] = _compiled_against_eager(attention(balance_documents([0, 10, 40, 64], 2)), fullgraph=False)
     report["balanced-by-name"] = _compiled_against_eager(attention("balanced"), calls=documents)
+    report["window"] = _compiled_against_eager(attention("striped", window=9), calls=documents)
     torch._dynamo.reset()
     bad = torch.compile(attention("striped"), fullgraph=True, backend="aot_eager")
     q, k, v = _inputs()
@@ -95,6 +96,12 @@ def test_documents_per_row_as_lists():
 def test_layout_instance_runs_eagerly_behind_a_graph_break():
     for report in reports():
         worst, frames = report["balanced"]  # the graph before the break is compiled, the ring runs eagerly
+        assert worst == 0.0 and frames == 1, (worst, frames)
+
+
+def test_sliding_window_is_one_op_with_documents():
+    for report in reports():
+        worst, frames = report["window"]
         assert worst == 0.0 and frames == 1, (worst, frames)
 
 

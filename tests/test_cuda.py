@@ -70,6 +70,49 @@ def test_cuda_kernels_match_float64(name, dtype, causal, rows):
     assert max(errors.values()) <= TOL[dtype], errors
 
 
+# (q rows, k rows, causal, window) of 300-token tensors: the bands windowed pieces hold (causal ones square or
+# with more queries than keys, up to more than twice as many; dense ones above or below the diagonal, with more
+# queries than keys too), every query seeing a key
+WINDOW_BANDS = [(slice(0, 300), slice(0, 300), True, 1), (slice(0, 300), slice(0, 300), True, 37),
+                (slice(1, 300), slice(0, 299), True, 150), (slice(0, 300), slice(0, 200), True, 150),
+                (slice(0, 200), slice(0, 300), False, -60), (slice(0, 300), slice(0, 120), False, 200),
+                (slice(0, 300), slice(0, 100), True, 250), (slice(0, 300), slice(0, 50), False, 280)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("band", WINDOW_BANDS, ids=["w1", "w37", "shifted-w150", "q>k-w150", "above", "below", "q>2k", "q>k-dense"])
+def test_flash_windows_match_float64(band, dtype):
+    """Windowed pieces on FlashAttention-2 (its bottom-right aligned band turned into the pieces' top-left one):
+    forward and backward of one block, GQA, against the reference's mask."""
+    qs, ks, causal, window = band
+    q, k, v, dout = (t[:, :, s] for t, s in zip(_block_inputs(dtype, 300), (qs, ks, ks, qs)))
+    out_w, lse_w = kernels.reference_forward(q, k, v, causal=causal, scale=0.125, window=window)
+    want = kernels.reference_backward(dout, q, k, v, out_w, lse_w, causal=causal, scale=0.125, window=window)
+    dev = [t.to("cuda", dtype) for t in (q, k, v, dout)]
+    assert kernels._select(dev[0], "auto", window)[0] is kernels._flash_window_forward
+    out, lse = kernels.attention_forward(*dev[:3], causal=causal, scale=0.125, window=window)
+    grads = kernels.attention_backward(dev[3], *dev[:3], out_w.to("cuda", dtype), lse_w.float().cuda(),
+                                       causal=causal, scale=0.125, window=window)
+    errors = {"out": relative_error(out.cpu(), out_w), "lse": (lse.cpu().double() - lse_w).abs().max().item()}
+    for what, got, exact in zip(("dq", "dk", "dv"), grads, want):  # dq is 0 under a window of 1
+        errors[what] = (relative_error(got.cpu(), exact) if exact.norm() > 1e-6
+                        else (got.double().norm() / dout.norm()).item())
+    assert max(errors.values()) <= TOL[dtype], errors
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_ring_with_a_window_on_one_gpu(layout):
+    """The windowed ring on one GPU (bf16, flash) with packed documents, against float64 under the window."""
+    from test_windows import windowed_reference
+
+    q, k, v, dout = _block_inputs(torch.bfloat16, 256)
+    cu_seqlens = [0, 100, 101, 256]
+    want = windowed_reference(q, k, v, dout, 40, cu_seqlens)
+    got = sharded_run(layout, torch.bfloat16, q, k, v, dout, device="cuda", window=40, cu_seqlens=cu_seqlens)
+    errors = [relative_error(g, w) for g, w in zip(got, want)]
+    assert max(errors) <= TOL[torch.bfloat16], errors
+
+
 @pytest.mark.parametrize("name, dtype", KERNEL_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in KERNEL_CASES])
 def test_one_query_and_one_key(name, dtype):
     """The piece packed documents give where a document has one token on two ranks: cuDNN refuses its backward

@@ -209,6 +209,6 @@ def test_the_ring_stops_after_the_last_step_with_a_piece():
         c = seq // world
         want = max((s for s in range(world) for r in range(world)
                     if layout.blocks(r, (r - s) % world, c, world, causal)), default=0)
-        assert last_step(layout, world, causal) == want, (name, world, cu_seqlens, causal)
-    assert last_step(Documents("contiguous", [0, 4, 8, 12, 16]), 4, True) == 0  # a document per rank: no ring
-    assert last_step(LAYOUTS["contiguous"], 4, True) == 3
+        assert last_step(layout, world, causal, c) == want, (name, world, cu_seqlens, causal)
+    assert last_step(Documents("contiguous", [0, 4, 8, 12, 16]), 4, True, 4) == 0  # a document per rank: no ring
+    assert last_step(LAYOUTS["contiguous"], 4, True, 4) == 3

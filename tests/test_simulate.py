@@ -137,6 +137,33 @@ def test_simulate_command_sweep(tmp_path, capsys):
         cli.main(["simulate", "--world-sizes", "2,3", "--seq-len", "64", "--layouts", "striped"])
 
 
+@pytest.mark.parametrize("documents", [1, 5])
+def test_virtual_ranks_under_a_sliding_window(documents):
+    """--window: the virtual ranks compute the windowed ring exactly (against float64 under the window's mask)."""
+    from test_windows import windowed_reference
+
+    cfg = SimConfig(world_size=4, seq_len=32, batch=2, heads=4, kv_heads=2, head_dim=8, dtype="float64",
+                    passes=("fwd+bwd",), repeats=1, warmup=0, documents=documents, window=5)
+    _, outputs = simulate(cfg, keep_outputs=True)
+    q, k, v, dout = random_inputs(cfg, torch.device("cpu"))
+    out, dq, _, _ = windowed_reference(q, k, v, dout, 5, random_documents(cfg.seq_len, documents, cfg.seed))
+    for name in LAYOUTS:
+        outs, dqs = outputs[(name, "fwd+bwd")]
+        for rank in range(4):
+            index = positions(cfg.seq_len, layout=name, rank=rank, world_size=4)
+            torch.testing.assert_close(outs[rank], out[:, :, index], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(dqs[rank], dq[:, :, index], rtol=1e-10, atol=1e-10)
+
+
+def test_simulate_command_with_a_window(capsys):
+    assert cli.main(["simulate", "--world-size", "4", "--seq-len", "64", "--heads", "1", "--head-dim", "8",
+                     "--repeats", "1", "--warmup", "0", "--window", "9"]) == 0
+    text = capsys.readouterr().out
+    assert "64 tokens, window 9" in text and "ideal" not in text  # the causal bound is not a window's
+    with pytest.raises(SystemExit, match="--window must be >= 1, got 0"):
+        cli.main(["simulate", "--seq-len", "64", "--window", "0"])
+
+
 def test_simulate_command_with_documents(capsys):
     assert cli.main(["simulate", "--world-size", "4", "--seq-len", "64", "--heads", "1", "--head-dim", "8",
                      "--repeats", "1", "--warmup", "0", "--documents", "3"]) == 0

@@ -101,15 +101,16 @@ PACKINGS = {  # name: (each row's documents, what tells shard_inputs about them)
 
 
 def compare(family: str, layout: str, packing: str | None = None, compiled: bool = False, checkpointed: bool = False,
-            fsdp: bool = False, **call) -> dict[str, float]:
+            fsdp: bool = False, config: dict | None = None, **call) -> dict[str, float]:
     """Relative errors of the context-parallel run against one process: logits, loss, worst gradient;
     ``packing`` names packed documents of PACKINGS. Layout "balanced" shards each batch in balance_documents'
     order of its documents (one document: contiguous), so its logits are gathered in that layout. ``compiled``:
     the prepared model under torch.compile (aot_eager); ``checkpointed``: with transformers' own activation
     checkpointing (each layer, ring included, recomputed in the backward); ``fsdp``: each decoder layer and the
-    model sharded over the 2 ranks with FSDP2, whose reduce-scatter averages the gradients."""
+    model sharded over the 2 ranks with FSDP2, whose reduce-scatter averages the gradients; ``config``: the
+    model's config settings."""
     ids, labels = inputs()
-    ref = tiny_model(family)
+    ref = tiny_model(family, **(config or {}))
     rows, how = PACKINGS[packing] if packing else (None, {})
     want_logits, want_loss = one_process(ref, ids, labels, rows)
     want_loss.backward()
@@ -195,7 +196,6 @@ def bad_calls(rank: int) -> dict:
     holes[0, 3] = 0 if rank == 1 else 1  # padding on one rank only: both must still raise
     offsets = shard_inputs(input_ids=ids, position_ids=torch.arange(SEQ) + 10 * rank, layout="striped")
     zigzag = shard_inputs(input_ids=ids, labels=labels, layout="zigzag")
-    windowed = prepare(tiny_model("mistral", sliding_window=SEQ - 1))
     dropout = prepare(tiny_model("llama", attention_dropout=0.1)).train()
     packed = shard_inputs(input_ids=ids, labels=labels, position_ids=restarting(DOCUMENTS), layout="striped")
     other_documents = shard_inputs(input_ids=ids, cu_seqlens=[0, 5 + rank, 16, SEQ], layout="striped")
@@ -218,7 +218,6 @@ def bad_calls(rank: int) -> dict:
         "offsets-differ": lambda: model(**offsets),
         "use-cache": lambda: model(**batch, use_cache=True),
         "output-attentions": lambda: model(**batch, output_attentions=True),
-        "sliding-window": lambda: windowed(**batch),
         "dropout": lambda: dropout(**batch),
     }
 
@@ -238,7 +237,6 @@ BAD = {
     "offsets-differ": "position_ids disagree between ranks",
     "use-cache": "KV caches and generation are not supported",
     "output-attentions": "attention weights cannot be returned",
-    "sliding-window": "sliding window attention (window 23)",
     "dropout": "attention dropout is not supported",
 }
 
@@ -250,6 +248,13 @@ def run_all():
     report = {(family, layout): compare(family, layout) for family in FAMILIES for layout in sorted(LAYOUTS)}
     report["mask-of-ones"] = compare("llama", "striped", attention_mask=torch.ones(2, SEQ // 2, dtype=torch.long))
     report["window-covers-sequence"] = compare("mistral", "zigzag")  # Mistral's default window (4096) >= SEQ
+    for layout in sorted(LAYOUTS):  # a window of 5 tokens: shorter than a rank's share (12)
+        report[("sliding-window", layout)] = compare("mistral", layout, config={"sliding_window": 5})
+    report[("sliding-window", "documents")] = compare("mistral", "striped", "same-documents",
+                                                       config={"sliding_window": 7})
+    # Qwen2's second layer local (window 3), its first global: one layout for both
+    report[("sliding-window", "mixed-layers")] = compare(
+        "qwen2", "zigzag", config={"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1})
     for layout in sorted(LAYOUTS):
         for packing in ("same-documents", "documents-per-row"):
             report[(packing, layout)] = compare("llama", layout, packing)
@@ -303,6 +308,15 @@ def test_balanced_layout_matches_one_process(packing):
     """Layout "balanced": each batch sharded in balance_documents' order of its documents, on every layer."""
     for report in reports():
         errors = report[(packing, "balanced")]
+        assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("case", [*sorted(LAYOUTS), "documents", "mixed-layers"])
+def test_sliding_windows_match_one_process(case):
+    """Mistral's sliding window (5 tokens, shorter than a rank's share) in every layout, with packed documents,
+    and Qwen2 with a local and a global layer: the ring cuts each piece to the window, as the model's own mask."""
+    for report in reports():
+        errors = report[("sliding-window", case)]
         assert max(errors.values()) <= TOL, errors
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .cli import UsageError
+from . import kernels
 from .kernels import BACKENDS, CUDA_KERNELS
 from .layouts import LAYOUTS, for_documents, get_layout, shard
 from .ring import check_head_groups, record_steps, ring_attention
@@ -49,6 +50,7 @@ class BenchConfig:
     threads: int = 1  # torch intra-op threads of each rank (on CPU, the cores it may use)
     backend: str = "auto"  # ring_attention's kernel backend
     documents: int = 1  # documents packed into the sequence, of random lengths (seeded); 1: one sequence
+    window: int | None = None  # sliding-window attention (ring_attention's window); None: every earlier token
 
     def cu_seqlens(self) -> list[int] | None:
         return random_documents(self.seq_len, self.documents, self.seed)
@@ -108,13 +110,15 @@ def timed_ms(fn, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _sdpa(q, k, v, causal, cu_seqlens=None):
-    """torch SDPA on the whole sequence; with documents, on each document in turn."""
+def _sdpa(q, k, v, causal, cu_seqlens=None, window=None):
+    """torch SDPA on the whole sequence; with documents, on each document in turn; with a window, under its
+    (seq, seq) mask."""
     if cu_seqlens is not None:
         pieces = [slice(a, b) for a, b in zip(cu_seqlens, cu_seqlens[1:]) if b > a]
-        return torch.cat([_sdpa(q[:, :, s], k[:, :, s], v[:, :, s], causal) for s in pieces], dim=2)
+        return torch.cat([_sdpa(q[:, :, s], k[:, :, s], v[:, :, s], causal, window=window) for s in pieces], dim=2)
+    mask = None if window is None else kernels._mask(q.shape[2], k.shape[2], causal, window, q.device)
     return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
@@ -126,7 +130,8 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
     cu_seqlens = cfg.cu_seqlens()
     layouts = {name: for_documents(name, cu_seqlens, n) for name in cfg.layouts}
     local = {name: [shard(t, layout=layout, dim=2) for t in (q, k, v, dout)] for name, layout in layouts.items()}
-    options = dict(causal=cfg.causal, cu_seqlens=cu_seqlens, head_groups=cfg.head_groups, backend=cfg.backend)
+    options = dict(causal=cfg.causal, cu_seqlens=cu_seqlens, head_groups=cfg.head_groups, backend=cfg.backend,
+                   window=cfg.window)
 
     def ring(name, backward):
         ql, kl, vl, dl = local[name]
@@ -142,10 +147,10 @@ def measure(cfg: BenchConfig, device: torch.device | None = None, progress=None)
             return
         if backward:
             qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
-            _sdpa(qf, kf, vf, cfg.causal, cu_seqlens).backward(dout)
+            _sdpa(qf, kf, vf, cfg.causal, cu_seqlens, cfg.window).backward(dout)
         else:
             with torch.no_grad():
-                _sdpa(q, k, v, cfg.causal, cu_seqlens)
+                _sdpa(q, k, v, cfg.causal, cu_seqlens, cfg.window)
 
     runs = {(name, p): (lambda name=name, p=p: ring(name, p == "fwd+bwd")) for name in cfg.layouts for p in cfg.passes}
     if cfg.baseline:
@@ -205,7 +210,7 @@ def _gather_objects(obj, n):
 def _check(cfg, results, layouts, cu_seqlens, q, k, v, dout, ring, n):
     """Max abs error of each layout's output and gradients against single-process SDPA (the whole sequence)."""
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
-    want_out = _sdpa(qf, kf, vf, cfg.causal, cu_seqlens)
+    want_out = _sdpa(qf, kf, vf, cfg.causal, cu_seqlens, cfg.window)
     want_out.backward(dout)
     want = [want_out.detach(), qf.grad, kf.grad, vf.grad]
     for name in cfg.layouts:
@@ -398,6 +403,9 @@ def add_workload_arguments(p: argparse.ArgumentParser, defaults) -> None:
                    help="pack N documents of random lengths (cut at random with --seed) into the sequence: each "
                         "token attends within its own document, as ring_attention's cu_seqlens (default: "
                         "%(default)s, one sequence)")
+    p.add_argument("--window", metavar="TOKENS", type=int,
+                   help="sliding-window attention: each token sees itself and the TOKENS - 1 before it (ring_attention's "
+                        "window; Mistral's and Gemma's local layers) (default: every earlier token)")
     p.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
                    help="block kernels: auto (the fastest that fits), torch (torch's only), reference (pure "
                         "PyTorch), or one of torch's CUDA kernels: flash, efficient, cudnn (default: %(default)s)")
@@ -418,6 +426,8 @@ def workload_fields(args) -> dict:
         raise ValueError(f"--documents ({args.documents}) cannot exceed --seq-len ({args.seq_len})")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.window is not None and args.window < 1:
+        raise ValueError(f"--window must be >= 1, got {args.window}")
     if args.backend in CUDA_KERNELS and args.device != "cuda":
         raise ValueError(f"--backend {args.backend} is a CUDA kernel: add --device cuda")
     kv_heads = args.kv_heads or args.heads
@@ -426,7 +436,7 @@ def workload_fields(args) -> dict:
     return dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
                 head_dim=args.head_dim, dtype=args.dtype, layouts=args.layouts, passes=PASS_CHOICES[args.pass_],
                 repeats=args.repeats, warmup=args.warmup, device=args.device, seed=args.seed, backend=args.backend,
-                documents=args.documents)
+                documents=args.documents, window=args.window)
 
 
 def add_parser(subparsers) -> None:
@@ -477,6 +487,7 @@ def main(args) -> int:
         ranks = "torchrun's ranks" if under_torchrun() else f"{cfg.world_size} local {cfg.device} rank(s)"
         ranks += f" x {cfg.threads} thread(s)" if cfg.device == "cpu" else ""
         packed = f" in {cfg.documents} documents" if cfg.documents > 1 else ""
+        packed += f", window {cfg.window}" if cfg.window else ""
         print(f"{'causal ' if cfg.causal else ''}attention, {cfg.seq_len} tokens{packed} x {cfg.batch} over {ranks}, "
               f"{cfg.heads} heads / {cfg.kv_heads} kv heads, head_dim {cfg.head_dim}, {cfg.dtype}; "
               f"median of {cfg.repeats} after {cfg.warmup} warm-up, variants interleaved", flush=True)

@@ -4,7 +4,9 @@ Shapes, everywhere in this module:
   q: (batch, heads, q_len, head_dim)      k, v: (batch, kv_heads, k_len, head_dim), heads % kv_heads == 0
   out: like q                             lse: (batch, heads, q_len), float32 (float64 for float64 input)
 ``lse`` is the natural log-sum-exp of the scaled scores of each query over the keys it sees. ``causal``
-is top-left aligned: query i sees keys 0..i. Every query must see at least one key.
+is top-left aligned: query i sees keys 0..i. ``window`` (None: none) limits query i to the keys j with
+i - j < window: a sliding window, or a band of a layout's piece (then, without causal, window <= 0 too: the
+keys from i + 1 - window on). Every query must see at least one key.
 
 The backward functions take the *final* output and log-sum-exp of the whole ring, not the block's own:
 with those, the gradient of each block is exact and local (no second forward pass).
@@ -44,8 +46,13 @@ def _fold_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, n, d).sum(2)
 
 
-def _mask(q_len: int, k_len: int, device) -> torch.Tensor:
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+def _mask(q_len: int, k_len: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
+    """(q_len, k_len) bool, True where query i sees key j; None where it sees every key."""
+    if not causal and window is None:
+        return None
+    distance = torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
+    seen = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+    return seen if window is None else seen & (distance < window)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,26 +65,28 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reference_forward(q, k, v, *, causal: bool, scale: float):
+def _scores(qf, kf, causal, window, scale):
+    scores = qf @ kf.transpose(-1, -2) * scale
+    mask = _mask(qf.shape[2], kf.shape[2], causal, window, qf.device)
+    return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+
+
+def reference_forward(q, k, v, *, causal: bool, scale: float, window: int | None = None):
     """(out, lse) for one block, computed with plain matmuls in float32 (float64 for float64 input)."""
     acc = acc_dtype(q.dtype)
     qf, kf, vf = q.to(acc), _expand_kv(q, k).to(acc), _expand_kv(q, v).to(acc)
-    scores = qf @ kf.transpose(-1, -2) * scale
-    if causal:
-        scores = scores.masked_fill(~_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    scores = _scores(qf, kf, causal, window, scale)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.exp(scores - lse.unsqueeze(-1)) @ vf
     return out.to(q.dtype), lse
 
 
-def reference_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
+def reference_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, window: int | None = None):
     """(dq, dk, dv) of one block given the final out and lse; dk/dv have kv_heads heads."""
     acc = acc_dtype(q.dtype)
     qf, kf, vf = q.to(acc), _expand_kv(q, k).to(acc), _expand_kv(q, v).to(acc)
     do, o = dout.to(acc), out.to(acc)
-    scores = qf @ kf.transpose(-1, -2) * scale
-    if causal:
-        scores = scores.masked_fill(~_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    scores = _scores(qf, kf, causal, window, scale)
     p = torch.exp(scores - lse.to(acc).unsqueeze(-1))
     dv = p.transpose(-1, -2) @ do
     dp = do @ vf.transpose(-1, -2)
@@ -157,24 +166,24 @@ def cpu_extension():
     return _extension[0]
 
 
-def _own_cpu_forward_(out, lse, q, k, v, causal, scale):
+def _own_cpu_forward_(out, lse, q, k, v, causal, scale, window=None):
     """Fold the block into the sums (out, lse) in place: the kernel's online softmax is the merge."""
-    cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale)
+    cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale, window)
 
 
-def _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale):
-    cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale)
+def _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale, window=None):
+    cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale, window)
 
 
-def _own_cpu_forward(q, k, v, causal, scale):
+def _own_cpu_forward(q, k, v, causal, scale, window=None):
     out, lse = no_keys_seen(q)
-    _own_cpu_forward_(out, lse, q, k, v, causal, scale)
+    _own_cpu_forward_(out, lse, q, k, v, causal, scale, window)
     return out, lse
 
 
-def _own_cpu_backward(dout, q, k, v, out, lse, causal, scale):
+def _own_cpu_backward(dout, q, k, v, out, lse, causal, scale, window=None):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale)
+    _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale, window)
     return dq, dk, dv
 
 
@@ -298,6 +307,61 @@ def _top_left_causal(forward, backward):
     return forward_, backward_
 
 
+# Windows on CUDA: FlashAttention-2 takes a band (window_size_left, window_size_right) aligned at the bottom
+# right: query i sees key j iff i + (k_len - q_len) - left <= j <= i + (k_len - q_len) + right, which is ours
+# (i - window < j, and j <= i if causal) with left = window - 1 + k_len - q_len and right = q_len - k_len. It
+# caps both at k_len (larger means no bound, which it then sets to k_len), so a call takes at most k_len
+# queries: a causal piece's first k_len rows, then the later ones, which see every key up to the window, in
+# parts of k_len rows. Causal keys past the last query are never seen and are left out.
+
+
+def _flash_window_parts(q_len: int, k_len: int, causal: bool, window: int) -> list[tuple[slice, bool, int]]:
+    """(query rows, causal, window of those rows) of the FlashAttention-2 calls of one windowed block."""
+    parts, start = [], 0
+    if causal:
+        start = min(q_len, k_len)
+        parts.append((slice(0, start), True, window))
+    for a in range(start, q_len, k_len):
+        parts.append((slice(a, min(q_len, a + k_len)), False, window - a))  # row a + i sees keys from i + 1 - (window - a)
+    return parts
+
+
+def _flash_band_args(q_len, k_len, causal, window):
+    k_len = min(k_len, q_len) if causal else k_len
+    return k_len, {"window_size_left": window - 1 + k_len - q_len, "window_size_right": q_len - k_len if causal else None}
+
+
+def _flash_window_forward(q, k, v, causal, scale, window):
+    outs, lses = [], []
+    for rows, part_causal, part_window in _flash_window_parts(q.shape[2], k.shape[2], causal, window):
+        q_len = rows.stop - rows.start
+        k_len, band = _flash_band_args(q_len, k.shape[2], part_causal, part_window)
+        q_, k_, v_ = (t.transpose(1, 2) for t in _unit_stride(q[:, :, rows], k[:, :, :k_len], v[:, :, :k_len]))
+        out, lse, *_ = aten._flash_attention_forward(q_, k_, v_, None, None, q_len, k_len, 0.0, False, False,
+                                                     scale=scale, **band)
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _flash_window_backward(dout, q, k, v, out, lse, causal, scale, window):
+    seed, offset = _cuda_rng_placeholders(q.device)
+    dqs, dk_all, dv_all = [], *(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+    for rows, part_causal, part_window in _flash_window_parts(q.shape[2], k.shape[2], causal, window):
+        q_len = rows.stop - rows.start
+        k_len, band = _flash_band_args(q_len, k.shape[2], part_causal, part_window)
+        dout_, q_, k_, v_, out_ = (t.transpose(1, 2) for t in _unit_stride(
+            dout[:, :, rows], q[:, :, rows], k[:, :, :k_len], v[:, :, :k_len], out[:, :, rows]))
+        dq, dk, dv = aten._flash_attention_backward(
+            dout_, q_, k_, v_, out_, lse[:, :, rows].contiguous(), None, None, q_len, k_len, 0.0, False, seed,
+            offset, scale=scale, **band,
+        )
+        dqs.append(dq.transpose(1, 2))
+        dk_all[:, :, :k_len] += dk.transpose(1, 2)  # keys no query sees get no gradient
+        dv_all[:, :, :k_len] += dv.transpose(1, 2)
+    return torch.cat(dqs, dim=2), dk_all.to(k.dtype), dv_all.to(v.dtype)
+
+
 CUDA_KERNELS = {
     "flash": _top_left_causal(_flash_forward, _flash_backward),
     "efficient": _top_left_causal(_efficient_forward, _efficient_backward),
@@ -327,20 +391,23 @@ def _cuda_preference(device: torch.device) -> tuple[str, ...]:
     return "flash", "efficient"
 
 
-def _reference_forward(q, k, v, causal, scale):
-    return reference_forward(q, k, v, causal=causal, scale=scale)
+def _reference_forward(q, k, v, causal, scale, window=None):
+    return reference_forward(q, k, v, causal=causal, scale=scale, window=window)
 
 
-def _reference_backward(dout, q, k, v, out, lse, causal, scale):
-    return reference_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+def _reference_backward(dout, q, k, v, out, lse, causal, scale, window=None):
+    return reference_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, window=window)
 
 
-def _select(q: torch.Tensor, backend: str):
-    """The (forward, backward) pair for q's device and dtype."""
+def _select(q: torch.Tensor, backend: str, window: int | None = None):
+    """The (forward, backward) pair for q's device and dtype; each takes (..., causal, scale) and, with a
+    window, ``window`` after them."""
     if backend == "reference":
         return _reference_forward, _reference_backward
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if window is not None:
+        return _select_windowed(q, backend)
     if backend in CUDA_KERNELS:
         if q.device.type != "cuda" or not cuda_kernel_fits(backend, q):
             raise ValueError(f"backend {backend!r} is a CUDA kernel for other inputs than {q.dtype} with head_dim "
@@ -357,46 +424,67 @@ def _select(q: torch.Tensor, backend: str):
     return _reference_forward, _reference_backward
 
 
-def attention_forward(q, k, v, *, causal: bool, scale: float, backend: str = "auto"):
+def _select_windowed(q: torch.Tensor, backend: str):
+    """The pair for a windowed block: this package's CPU kernel, FlashAttention-2 on CUDA, else the reference."""
+    if backend in CUDA_KERNELS and backend != "flash":
+        raise ValueError(f"backend {backend!r} takes no window; use 'auto', 'flash' or 'reference'")
+    if q.device.type == "cpu" and backend == "auto" and q.dtype in (torch.float32, torch.float64) and cpu_extension():
+        return _own_cpu_forward, _own_cpu_backward
+    if q.device.type == "cuda" and backend in ("auto", "flash") and cuda_kernel_fits("flash", q):
+        return _flash_window_forward, _flash_window_backward
+    if backend == "flash":
+        raise ValueError(f"backend 'flash' is a CUDA kernel for other inputs than {q.dtype} with head_dim "
+                         f"{q.shape[-1]} on {q.device.type}; use 'auto'")
+    return _reference_forward, _reference_backward
+
+
+def _window_arg(window: int | None) -> tuple:
+    return () if window is None else (window,)
+
+
+def attention_forward(q, k, v, *, causal: bool, scale: float, backend: str = "auto", window: int | None = None):
     """(out, lse) of one block: out like q, lse (batch, heads, q_len) float32 (float64 for float64 input)."""
-    forward, _ = _select(q, backend)
-    return forward(q, k, v, causal, scale)
+    forward, _ = _select(q, backend, window)
+    return forward(q, k, v, causal, scale, *_window_arg(window))
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str = "auto"):
+def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str = "auto",
+                       window: int | None = None):
     """(dq, dk, dv) of one block, given the final out and lse of the whole ring for these queries."""
-    _, backward = _select(q, backend)
-    return backward(dout, q, k, v, out, lse, causal, scale)
+    _, backward = _select(q, backend, window)
+    return backward(dout, q, k, v, out, lse, causal, scale, *_window_arg(window))
 
 
-def first_sums(q, k, v, *, causal: bool, scale: float, backend: str = "auto"):
+def first_sums(q, k, v, *, causal: bool, scale: float, backend: str = "auto", window: int | None = None):
     """The running sums (out, lse) in the accumulation dtype after one block that every query of q attends
     to: what attention_forward_ leaves in no_keys_seen(q), without merging into zeros (a kernel that returns
     its block's output pays a cast instead of a merge). Contiguous, whatever layout the kernel wrote."""
-    out, lse = attention_forward(q, k, v, causal=causal, scale=scale, backend=backend)
+    out, lse = attention_forward(q, k, v, causal=causal, scale=scale, backend=backend, window=window)
     acc = acc_dtype(q.dtype)
     return out.to(acc, memory_format=torch.contiguous_format), lse.to(acc, memory_format=torch.contiguous_format)
 
 
-def attention_forward_(out, lse, q, k, v, *, causal: bool, scale: float, backend: str = "auto") -> None:
+def attention_forward_(out, lse, q, k, v, *, causal: bool, scale: float, backend: str = "auto",
+                       window: int | None = None) -> None:
     """Fold one block into the running sums in place: ``out`` (like q, in the accumulation dtype) and ``lse``
     (batch, heads, q_len) hold the attention of these queries over the keys seen so far (0 and -inf where
     none), and afterwards over those keys and k too. Views (a block's rows) are updated where they lie."""
-    forward, _ = _select(q, backend)
+    forward, _ = _select(q, backend, window)
     if forward is _own_cpu_forward and _rows_fit(out):
-        _own_cpu_forward_(out, lse, q, k, v, causal, scale)
+        _own_cpu_forward_(out, lse, q, k, v, causal, scale, window)
     else:
-        merge_(out, lse, *forward(q, k, v, causal, scale))
+        merge_(out, lse, *forward(q, k, v, causal, scale, *_window_arg(window)))
 
 
-def attention_backward_(dq, dk, dv, dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str = "auto"):
+def attention_backward_(dq, dk, dv, dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str = "auto",
+                        window: int | None = None):
     """Add one block's gradients into ``dq`` (like q) and ``dk``, ``dv`` (like k), in the accumulation dtype,
     in place; ``out`` and ``lse`` are the final ones of the whole ring for these queries."""
-    _, backward = _select(q, backend)
+    _, backward = _select(q, backend, window)
     if backward is _own_cpu_backward and all(map(_rows_fit, (dq, dk, dv))):
-        _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale)
+        _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale, window)
         return
-    for total, part in zip((dq, dk, dv), backward(dout, q, k, v, out, lse, causal, scale)):
+    for total, part in zip((dq, dk, dv), backward(dout, q, k, v, out, lse, causal, scale, *_window_arg(window))):
         total += part
 
 

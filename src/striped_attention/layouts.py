@@ -5,11 +5,13 @@ A layout is data. It answers two questions and nothing else:
 * ``positions(seq_len, rank, world_size)``: the global token positions rank ``rank`` holds, in local order;
 * ``blocks(q_rank, kv_rank, local_len, world_size, causal)``: the attention pieces a rank holding the
   queries of ``q_rank`` computes against the keys/values of ``kv_rank``. Each :class:`Block` is a query
-  slice, a key slice and whether the piece is a top-left aligned causal triangle or a dense rectangle.
+  slice, a key slice and whether the piece is a top-left aligned causal triangle or a dense rectangle (and,
+  under a sliding window, the band of it that is seen).
 
 Everything else (sharding, the ring engine, the simulator, the counts) is derived from these two answers,
 so a new layout is one new class here and nothing else. Packed documents are a layout too:
-:class:`Documents` wraps any layout and cuts its pieces at the documents' boundaries.
+:class:`Documents` wraps any layout and cuts its pieces at the documents' boundaries; so is a sliding window:
+:class:`Windowed` wraps any layout and cuts its pieces to the band each query sees.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "DocumentsPerRow", "DocumentOrder",
+    "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "DocumentsPerRow", "DocumentOrder", "Windowed",
     "balance_documents", "for_documents", "cut_at_documents", "offsets_tensor", "BALANCED", "LAYOUTS", "get_layout",
     "positions", "shard", "unshard",
 ]
@@ -38,13 +40,16 @@ class Block:
     rows ``rows`` (every row unless packed documents differ between rows).
 
     ``causal=True`` means query ``q.start + i`` sees key ``k.start + j`` iff ``j <= i`` (top-left aligned, as
-    torch's fused kernels define it); ``causal=False`` means every query sees every key of the slice.
+    torch's fused kernels define it); ``causal=False`` means every query sees every key of the slice. A
+    ``window`` sees only the keys with ``i - j < window`` of those (under ``causal=False`` it may be 0 or
+    less: the keys from ``i + 1 - window`` on).
     """
 
     q: slice
     k: slice
     causal: bool
     rows: slice = field(default_factory=lambda: EVERY_ROW)
+    window: int | None = None
 
     def queries(self, t: torch.Tensor) -> torch.Tensor:
         """The piece's part of a (batch, heads, local_seq, ...) tensor indexed like the queries."""
@@ -56,11 +61,44 @@ class Block:
 
     def pairs(self) -> int:
         """Number of (query, key) pairs this block computes."""
-        nq, nk = self.q.stop - self.q.start, self.k.stop - self.k.start
-        if not self.causal or nq <= 0 or nk <= 0:
-            return max(nq, 0) * max(nk, 0)
-        tri = min(nq, nk)  # rows 0..tri-1 form a triangle; later rows see every key
-        return tri * (tri + 1) // 2 + (nq - tri) * nk
+        nq, nk = max(self.q.stop - self.q.start, 0), max(self.k.stop - self.k.start, 0)
+        if self.window is None and not self.causal:
+            return nq * nk
+        lowest = 0 if self.causal else -nk  # i - j >= lowest
+        highest = nq if self.window is None else self.window - 1  # i - j <= highest
+        return _pairs_within(nq, nk, highest) - _pairs_within(nq, nk, lowest - 1)
+
+
+def _pairs_within(nq: int, nk: int, x: int) -> int:
+    """The (i, j) in [0, nq) x [0, nk) with i - j <= x: all but those whose row starts past key 0 leaves."""
+    if nq <= 0 or nk <= 0:
+        return 0
+    first, last = -x, nq - 1 - x  # u = i - x: row i misses its first min(max(u, 0), nk) keys
+    a, b = max(1, first), min(nk - 1, last)
+    missed = (a + b) * (b - a + 1) // 2 if b >= a else 0
+    missed += nk * max(0, last - max(nk, first) + 1)
+    return nq * nk - missed
+
+
+def band(q: slice, k: slice, lowest: int | None, highest: int | None, rows: slice = EVERY_ROW) -> list[Block]:
+    """The pairs ``(q.start + i, k.start + j)`` with ``lowest <= i - j <= highest`` (None: no bound) as
+    Blocks: rows and keys that see nothing left out, the rest causal or dense with a window."""
+    nq, nk = q.stop - q.start, k.stop - k.start
+    lo = -(nk - 1) if lowest is None else max(lowest, -(nk - 1))
+    hi = nq - 1 if highest is None else min(highest, nq - 1)
+    if nq <= 0 or nk <= 0 or lo > hi:
+        return []
+    qa, qb, ka, kb = max(0, lo), min(nq, nk + hi), max(0, -hi), min(nk, nq - lo)  # rows and keys with pairs
+    lo, hi, nq, nk = lo - qa + ka, hi - qa + ka, qb - qa, kb - ka
+    q, k = slice(q.start + qa, q.start + qb), slice(k.start + ka, k.start + kb)
+    window = None if hi >= nq - 1 else hi + 1
+    if lo <= -(nk - 1):
+        return [Block(q, k, False, rows, window)]
+    if lo == 0:
+        return [Block(q, k, True, rows, window)]
+    # lo < 0: every row sees the first -lo keys below the band's top; from there on a triangle
+    split = k.start - lo
+    return [*band(q, slice(k.start, split), None, hi, rows), *band(q, slice(split, k.stop), 0, hi - lo, rows)]
 
 
 class Layout:
@@ -374,6 +412,100 @@ class DocumentOrder(Contiguous):
 
     def __repr__(self) -> str:
         return self._repr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sliding windows
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Windowed(Layout):
+    """Sliding-window causal attention over any layout: the query at global position p sees the keys at
+    positions p - window + 1 ... p (Mistral's, Gemma's and GPT-OSS's local layers; flash-attn's
+    ``window_size=(window - 1, 0)``). Tokens sit where ``layout`` puts them (packed documents too); each of its
+    pieces is cut to the band its queries see, through the global positions, which run in arithmetic steps
+    in every layout here (stride 1, or N for striped). Ring steps with no piece on any rank are left out
+    (:meth:`last_step`): a contiguous ring under a window of at most one share stops after one step."""
+
+    def __init__(self, layout: str | Layout, window: int):
+        if isinstance(layout, Windowed):
+            raise ValueError("a layout takes one sliding window")
+        self.inner, self.window = get_layout(layout), int(window)
+        if self.window < 1:
+            raise ValueError(f"window must be a positive number of tokens, got {window}")
+        self.name = self.inner.name
+        self._blocks: dict[tuple, tuple[Block, ...]] = {}
+        self._last_steps: dict[tuple, int] = {}
+
+    def divisor(self, world_size):
+        return self.inner.divisor(world_size)
+
+    def check(self, seq_len, world_size):
+        self.inner.check(seq_len, world_size)
+
+    def positions(self, seq_len, rank, world_size):
+        return self.inner.positions(seq_len, rank, world_size)
+
+    def blocks(self, q_rank, kv_rank, local_len, world_size, causal):
+        if not causal:
+            raise ValueError("a sliding window needs causal attention")
+        key = (q_rank, kv_rank, local_len, world_size)
+        if key not in self._blocks:
+            seq_len = local_len * world_size
+            q_pos, k_pos = (self.positions(seq_len, r, world_size) for r in (q_rank, kv_rank))
+            q_runs, k_runs = _arithmetic_runs(q_pos), _arithmetic_runs(k_pos)
+            pieces = self.inner.blocks(q_rank, kv_rank, local_len, world_size, True)
+            self._blocks[key] = tuple(cut for blk in pieces for cut in self._cut(blk, q_pos, k_pos, q_runs, k_runs))
+        return self._blocks[key]
+
+    def _cut(self, blk: Block, q_pos, k_pos, q_runs, k_runs):
+        """``blk``'s pairs within the window: per run of its queries and of its keys, the band of ``i - j``."""
+        for qa, qb, q_step in _runs_within(q_runs, blk.q):
+            for ka, kb, k_step in _runs_within(k_runs, blk.k):
+                step = q_step if qb - qa > 1 else k_step
+                if kb - ka > 1 and qb - qa > 1 and q_step != k_step:
+                    raise ValueError(f"layout {self.name!r} holds queries and keys at different strides, which a "
+                                     "sliding window cannot cut")
+                # global distance of (qa + i, ka + j): q_pos[qa] - k_pos[ka] + step * (i - j), kept below window
+                gap = int(q_pos[qa]) - int(k_pos[ka])
+                highest = (self.window - 1 - gap) // step
+                lowest = (ka - blk.k.start) - (qa - blk.q.start) if blk.causal else None
+                yield from band(slice(qa, qb), slice(ka, kb), lowest, highest, blk.rows)
+
+    def last_step(self, world_size: int, causal: bool, local_len: int) -> int:
+        """The last ring step at which some rank has a piece: the K/V blocks travel no further."""
+        key = (world_size, local_len)
+        if key not in self._last_steps:
+            self._last_steps[key] = next(
+                (step for step in range(world_size - 1, 0, -1)
+                 if any(self.blocks(r, (r - step) % world_size, local_len, world_size, causal)
+                        for r in range(world_size))), 0)
+        return self._last_steps[key]
+
+    def __repr__(self) -> str:
+        return f"Windowed({self.inner!r}, window={self.window})"
+
+
+def _arithmetic_runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start, stop, step): the local indices cut into runs whose global positions rise by one step (> 0)."""
+    n, diff = len(pos), pos.diff()
+    changes = (torch.nonzero(diff[1:] != diff[:-1]).flatten() + 1).tolist()
+    runs, start = [], 0
+    while start < n:
+        if start == n - 1 or diff[start] <= 0:  # a run of one (its step is never used)
+            runs.append((start, start + 1, 1))
+            start += 1
+            continue
+        stop = next((c for c in changes if c > start), n - 1) + 1  # diff[start:stop - 1] all the same
+        runs.append((start, stop, int(diff[start])))
+        start = stop
+    return runs
+
+
+def _runs_within(runs: list[tuple[int, int, int]], s: slice):
+    for a, b, step in runs:
+        if max(a, s.start) < min(b, s.stop):
+            yield max(a, s.start), min(b, s.stop), step
 
 
 def balance_documents(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, seed: int = 0,

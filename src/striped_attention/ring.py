@@ -13,6 +13,7 @@ less K/V in flight, and a group's dK/dV travel home while the next group compute
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 import zlib
@@ -26,7 +27,8 @@ from torch.autograd.function import once_differentiable
 
 from . import kernels, varlen
 from .layouts import (
-    BALANCED, EVERY_ROW, Documents, Layout, Packed, _rows_of_offsets, for_documents, get_layout, offsets_tensor,
+    BALANCED, EVERY_ROW, Documents, Layout, Packed, Windowed, _rows_of_offsets, for_documents, get_layout,
+    offsets_tensor,
 )
 
 __all__ = [
@@ -50,6 +52,7 @@ def ring_attention(
     cu_seqlens: Sequence[int] | Sequence[Sequence[int] | torch.Tensor] | torch.Tensor | None = None,
     backend: str = "auto",
     head_groups: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -81,6 +84,11 @@ def ring_attention(
             travel home while the next group computes. None: on a ring of several ranks, enough groups
             that each group's K/V block is at most 16 MiB, but none with fewer (batch, kv head) pairs than
             CPU threads.
+        window: sliding-window attention (causal only): the query at global position p sees the keys at
+            p - window + 1 ... p, as Mistral's and Gemma's local layers do (flash-attn's ``window_size=(window -
+            1, 0)``), in every layout and with ``cu_seqlens`` too. Each piece is cut to its band; ring steps
+            with no piece on any rank are skipped (contiguous: one step when window <= local_seq). None, or a
+            window of the whole sequence: plain causal attention.
 
     Returns:
         (batch, heads, local_seq, head_dim) with q's dtype: this rank's output, differentiable in q, k, v.
@@ -95,13 +103,13 @@ def ring_attention(
     """
     if torch.compiler.is_compiling():
         return _compiled_ring_attention(q, k, v, layout, group, causal, softmax_scale, cu_seqlens, backend,
-                                        head_groups)
+                                        head_groups, window)
     _check_local(q, k, v, backend)
-    lay, ring, scale, groups = _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups)
+    lay, ring, scale, groups = _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups, window)
     return _RingAttention.apply(q, k, v, lay, ring, causal, scale, backend, groups)
 
 
-def _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups):
+def _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups, window=None):
     """(layout, ring, scale, head groups) of a call, checked on this rank and, once per new signature, between
     the ranks."""
     ring = _Ring(group)
@@ -109,6 +117,7 @@ def _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups):
     if cu_seqlens is not None:
         lay = _with_documents(lay, cu_seqlens, q.shape[0])
     lay.check(q.shape[2] * ring.size, ring.size)
+    lay = _with_window(lay, window, causal, q.shape[2] * ring.size)
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     groups = _head_groups(head_groups, k, ring.size)
     ring.check_consistent(q, k, lay, causal, scale, groups)
@@ -124,6 +133,24 @@ def _with_documents(layout: Layout, cu_seqlens, batch: int) -> Packed:
         raise ValueError(f"layout {layout.name!r} holds other documents than cu_seqlens; pass cu_seqlens=None "
                          "with a layout made for its documents")
     return layout
+
+
+def _with_window(layout: Layout, window: int | None, causal: bool, seq_len: int) -> Layout:
+    """``layout`` under a sliding window; as it is where the window holds the whole sequence."""
+    if window is None:
+        return layout
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of tokens or None, got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal=True")
+    return layout if window >= seq_len else _windowed(layout, window)
+
+
+@functools.lru_cache(maxsize=64)
+def _windowed(layout: Layout, window: int) -> Windowed:
+    """One Windowed per (layout, window): a model's layers share the pieces cut once (layouts with documents
+    are shared per set of documents, see Documents.of)."""
+    return Windowed(layout, window)
 
 
 GROUP_BYTES = 16 * 2**20  # by default, the K/V of one head group in flight stays about this small
@@ -250,18 +277,20 @@ def _check_local(q, k, v, backend):
 
 _FIELDS = (
     "batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "layout", "causal", "softmax_scale", "head_groups",
-    "cu_seqlens",
+    "cu_seqlens", "window",
 )
 
 
 def _signature(q, k, layout, causal, scale, head_groups) -> list[int]:
     b, h, n, d = q.shape
     dtype = _DTYPES.index(q.dtype)
+    window = layout.window if isinstance(layout, Windowed) else -1  # -1: none
+    layout = layout.inner if isinstance(layout, Windowed) else layout
     documents = isinstance(layout, Packed)
     name = zlib.crc32(repr(layout.inner if documents else layout).encode())  # a layout's repr holds its data
     offsets = layout.checksum if documents else -1  # -1: one document
     (scale_bits,) = struct.unpack("<q", struct.pack("<d", scale))
-    return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits, head_groups, offsets]
+    return [b, h, k.shape[1], n, d, dtype, name, int(causal), scale_bits, head_groups, offsets, window]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,6 +383,8 @@ def _show(field: str, value: int):
         return struct.unpack("<d", struct.pack("<q", value))[0]
     if field == "cu_seqlens":
         return "None" if value == -1 else f"checksum {value:08x}"
+    if field == "window":
+        return "None" if value == -1 else value
     return value
 
 
@@ -393,7 +424,7 @@ def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
     out = lse = None
     every_query = slice(0, q.shape[2])
     kv, clock = (k, v), _StepClock("forward", q.device)
-    last = last_step(layout, ring.size, causal)
+    last = last_step(layout, ring.size, causal, q.shape[2])
     for step in range(last + 1):
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step < last else None
@@ -406,11 +437,13 @@ def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
             piece = (blk.queries(q), blk.keys(kv[0]), blk.keys(kv[1]))
             if out is None:
                 if blk.q == every_query and blk.rows == EVERY_ROW:  # a first piece over all starts the sums
-                    out, lse = kernels.first_sums(*piece, causal=blk.causal, scale=scale, backend=backend)
+                    out, lse = kernels.first_sums(*piece, causal=blk.causal, scale=scale, backend=backend,
+                                                  window=blk.window)
                     continue
                 out, lse = kernels.no_keys_seen(q)
             kernels.attention_forward_(
-                blk.queries(out), blk.queries(lse), *piece, causal=blk.causal, scale=scale, backend=backend
+                blk.queries(out), blk.queries(lse), *piece, causal=blk.causal, scale=scale, backend=backend,
+                window=blk.window,
             )
         clock.computed()
         if incoming is not None:
@@ -448,11 +481,14 @@ def _land(dk, dv, kv_heads: slice, going_home: Transfer) -> None:
     dk[:, kv_heads], dv[:, kv_heads] = going_home.wait()
 
 
-def last_step(layout: Layout, world_size: int, causal: bool) -> int:
-    """The ring's last step: N - 1, or earlier where packed documents leave the steps after it without a piece
-    on every rank; the K/V blocks travel no further (:meth:`layouts.Packed.last_step`)."""
+def last_step(layout: Layout, world_size: int, causal: bool, local_len: int) -> int:
+    """The ring's last step: N - 1, or earlier where packed documents or a sliding window leave the steps after
+    it without a piece on every rank; the K/V blocks travel no further (:meth:`layouts.Packed.last_step`,
+    :meth:`layouts.Windowed.last_step`)."""
     if world_size == 1:
         return 0
+    if isinstance(layout, Windowed):
+        return layout.last_step(world_size, causal, local_len)
     return layout.last_step(world_size, causal) if isinstance(layout, Packed) else world_size - 1
 
 
@@ -471,7 +507,7 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
     acc = kernels.acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv, grads_in_flight, clock = (k, v), None, _StepClock("backward", q.device)
-    last = last_step(layout, ring.size, causal)
+    last = last_step(layout, ring.size, causal, q.shape[2])
     for step in range(last + 1):
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step < last else None
@@ -485,6 +521,7 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
             kernels.attention_backward_(
                 blk.queries(dq), blk.keys(dk), blk.keys(dv), blk.queries(dout), blk.queries(q), blk.keys(kv[0]),
                 blk.keys(kv[1]), blk.queries(out), blk.queries(lse), causal=blk.causal, scale=scale, backend=backend,
+                window=blk.window,
             )
         clock.computed()
         if grads_in_flight is not None:  # what the ranks before us added for this same K/V block
@@ -504,68 +541,72 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _compiled_ring_attention(q, k, v, layout, group, causal, softmax_scale, cu_seqlens, backend, head_groups):
+def _compiled_ring_attention(q, k, v, layout, group, causal, softmax_scale, cu_seqlens, backend, head_groups,
+                             window):
     """ring_attention as dynamo traces it: a named layout becomes the op; a Layout instance runs eagerly."""
     if not isinstance(layout, str):
         return torch.compiler.disable(ring_attention)(
             q, k, v, layout=layout, group=group, causal=causal, softmax_scale=softmax_scale,
-            cu_seqlens=cu_seqlens, backend=backend, head_groups=head_groups,
+            cu_seqlens=cu_seqlens, backend=backend, head_groups=head_groups, window=window,
         )
     if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):  # lists: new documents recompile
         cu_seqlens = offsets_tensor(_rows_of_offsets(cu_seqlens) or [cu_seqlens])
     group_name = "" if group is None else group.group_name
-    out, _ = _ring_forward_op(q, k, v, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups)
+    out, _ = _ring_forward_op(q, k, v, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups,
+                              window)
     return out
 
 
-def _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups):
+def _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups, window):
     group = dist.distributed_c10d._resolve_process_group(group_name) if group_name else None
     documents = None if cu_seqlens is None else cu_seqlens.tolist()
-    return _setup(q, k, layout, group, causal, softmax_scale, documents, head_groups)
+    return _setup(q, k, layout, group, causal, softmax_scale, documents, head_groups, window)
 
 
 @torch.library.custom_op(
     "striped_attention::ring_forward", mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str layout, str group_name, bool causal, "
-           "float? softmax_scale, str backend, int? head_groups) -> (Tensor, Tensor)",
+           "float? softmax_scale, str backend, int? head_groups, int? window) -> (Tensor, Tensor)",
 )
 def _ring_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, layout: str, group_name: str,
-    causal: bool, softmax_scale: float | None, backend: str, head_groups: int | None,
+    causal: bool, softmax_scale: float | None, backend: str, head_groups: int | None, window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of ring_attention: out with q's shape and dtype, lse (batch, heads, local_seq) in the
     accumulation dtype; both contiguous, whatever q's strides, as the fake says."""
     _check_local(q, k, v, backend)
-    lay, ring, scale, groups = _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups)
+    lay, ring, scale, groups = _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups,
+                                         window)
     out, lse = ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), lay, ring, causal, scale, backend, groups)
     return out.contiguous(), lse.contiguous()
 
 
 @_ring_forward_op.register_fake
-def _(q, k, v, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups):
+def _(q, k, v, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups, window):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=kernels.acc_dtype(q.dtype))
 
 
 @torch.library.custom_op(
     "striped_attention::ring_backward", mutates_args=(),
     schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, str layout, "
-           "str group_name, bool causal, float? softmax_scale, str backend, int? head_groups) "
+           "str group_name, bool causal, float? softmax_scale, str backend, int? head_groups, int? window) "
            "-> (Tensor, Tensor, Tensor)",
 )
 def _ring_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens: torch.Tensor | None, layout: str, group_name: str, causal: bool, softmax_scale: float | None,
-    backend: str, head_groups: int | None,
+    backend: str, head_groups: int | None, window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with the shapes and dtypes of q, k, v, contiguous."""
-    lay, ring, scale, groups = _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups)
+    lay, ring, scale, groups = _op_setup(q, k, cu_seqlens, layout, group_name, causal, softmax_scale, head_groups,
+                                         window)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grads = ring_backward(dout.contiguous(), q, k, v, out, lse, lay, ring, causal, scale, backend, groups)
     return tuple(g.contiguous() for g in grads)
 
 
 @_ring_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups):
+def _(dout, q, k, v, out, lse, cu_seqlens, layout, group_name, causal, softmax_scale, backend, head_groups, window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

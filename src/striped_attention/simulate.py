@@ -29,7 +29,7 @@ from .bench import (
 from .cli import UsageError, describe
 from .kernels import default_scale
 from .launch import torch_threads
-from .layouts import LAYOUTS, cut_at_documents, for_documents, get_layout
+from .layouts import LAYOUTS, Windowed, cut_at_documents, for_documents, get_layout
 from .plan import critical_path_s, ring_transfers, transfer_s
 
 __all__ = ["SimConfig", "SimResult", "simulate", "sweep"]
@@ -56,6 +56,7 @@ class SimConfig:
     seed: int = 0
     backend: str = "auto"
     documents: int = 1  # documents packed into the sequence, of random lengths (seeded); 1: one sequence
+    window: int | None = None  # sliding-window attention (ring_attention's window); None: every earlier token
 
 
 @dataclass
@@ -187,6 +188,8 @@ def _simulate(cfg: SimConfig, progress, keep_outputs: bool):
     scale = default_scale(cfg.head_dim)
     cu_seqlens = random_documents(cfg.seq_len, cfg.documents, cfg.seed)
     layouts = {name: cut_at_documents(name, cu_seqlens, cfg.world_size) for name in cfg.layouts}
+    if cfg.window is not None and cfg.window < cfg.seq_len:
+        layouts = {name: Windowed(layout, cfg.window) for name, layout in layouts.items()}
     shards = {
         name: [
             tuple(t.index_select(2, layout.positions(cfg.seq_len, r, cfg.world_size).to(device)).contiguous()
@@ -223,7 +226,7 @@ def _simulate(cfg: SimConfig, progress, keep_outputs: bool):
                 [statistics.median(_step_seconds(rec[r], pass_, n)[i] for rec in reps) * 1e3 for i in range(n)]
                 for r in range(n)
             ]
-        last = ring_engine.last_step(layouts[name], n, cfg.causal)
+        last = ring_engine.last_step(layouts[name], n, cfg.causal, cfg.seq_len // n)
         sent = {pass_: ring_transfers("bwd" if pass_ == "backward" else "fwd", n, kv_bytes, grad_bytes, last)
                 for pass_ in compute}
         results.append(SimResult(name, p, cfg.world_size, cfg.seq_len, compute, bandwidth_gbs=cfg.bandwidth_gbs,
@@ -387,13 +390,14 @@ def main(args) -> int:
         f"links of {cfg.bandwidth_gbs:g} GB/s + {cfg.latency_us:g} us"
     tokens = f"{args.tokens_per_rank} tokens per rank" if args.tokens_per_rank else f"{cfg.seq_len} tokens"
     tokens += f" in {cfg.documents} documents" if cfg.documents > 1 else ""
+    tokens += f", window {cfg.window}" if cfg.window else ""
     print(f"{'causal ' if cfg.causal else ''}attention, {tokens} x {cfg.batch}, {cfg.heads} heads / "
           f"{cfg.kv_heads} kv heads, head_dim {cfg.head_dim}, {cfg.dtype}, on {', '.join(map(str, sizes))} virtual "
           f"ranks ({cfg.device}, {cfg.threads} thread(s)); {comm}; median of {cfg.repeats} after {cfg.warmup} "
           f"warm-up", flush=True)
     progress = Progress("simulate")
     results = [r for c in configs for r in simulate(c, progress)]
-    print(format_table(results, ideal=cfg.documents == 1))
+    print(format_table(results, ideal=cfg.documents == 1 and cfg.window is None))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results_json(results, cfg), f, indent=2)

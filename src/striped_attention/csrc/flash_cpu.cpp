@@ -26,6 +26,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>  // _mm_getcsr, _mm_setcsr
@@ -398,6 +399,16 @@ int64_t panel_size(int64_t D, int64_t kw) {
 
 inline int64_t query_tiles(int64_t L) { return (L + kQueryTile - 1) / kQueryTile; }  // the last may be short
 
+// The keys each query of a call sees: row i sees keys [first(i), end(i)) of S. Causal: end(i) = i + 1. A
+// window (a sliding window, or a band of a layout's piece): first(i) = i - window + 1, any window without a
+// causal mask (<= 0 too: the keys from i + 1 - window on), >= 1 with one.
+struct Band {
+  bool causal, windowed;
+  int64_t window, S;
+  int64_t first(int64_t i) const { return windowed ? std::clamp<int64_t>(i - window + 1, 0, S) : 0; }
+  int64_t end(int64_t i) const { return causal ? std::clamp<int64_t>(i + 1, 0, S) : S; }
+};
+
 // The keys [0, dense) every query of the tile [m, m + qb) sees whole, and the width of the diagonal square
 // after them (its first row sees one key of it, its last min(qb, kw)). Without a mask: every key, no square.
 inline int64_t dense_keys(bool causal, int64_t m, int64_t S) { return causal ? std::min(m, S) : S; }
@@ -405,17 +416,27 @@ inline int64_t diagonal_keys(bool causal, int64_t m, int64_t qb, int64_t S) {
   return causal ? std::clamp<int64_t>(S - m, 0, qb) : 0;
 }
 
-// The work of the query tile [m, m + qb) against S keys: dense_chunk(n, kb, len) for each chunk [n, n + kb) of
-// the keys it sees whole, then diagonal_square(kw, len, valid) for the square on the causal diagonal, if any.
-// len(i): the keys of the piece row i sees; valid(i): how far its row of scores must be kept valid (zeros).
-template <typename Dense, typename Diagonal>
-void for_each_piece(bool causal, int64_t m, int64_t qb, int64_t S, Dense&& dense_chunk,
-                    Diagonal&& diagonal_square) {
-  const int64_t dense = dense_keys(causal, m, S), kw = diagonal_keys(causal, m, qb, S);
-  for (int64_t n = 0; n < dense; n += kKeyTile) {
-    const int64_t kb = std::min(kKeyTile, dense - n);
-    dense_chunk(n, kb, [kb](int64_t) { return kb; });
+// The work of the query tile [m, m + qb): chunk(n, kb, first, end) for each chunk [n, n + kb) of the keys
+// before the causal diagonal, then diagonal_square(kw, end, valid) for the square on it, if any. first(i) and
+// end(i): the keys [first, end) of the piece row i sees (every key of a chunk all rows see whole, the usual
+// case); valid(i): how far its row of scores must be kept valid (zeros after end). A window that cuts into
+// the square leaves none: the tile's keys go by chunks, each row's own range of each.
+template <typename Chunk, typename Diagonal>
+void for_each_piece(const Band& band, int64_t m, int64_t qb, Chunk&& chunk, Diagonal&& diagonal_square) {
+  const int64_t S = band.S, last = m + qb - 1;
+  const bool square = band.causal && band.first(last) <= m;
+  const int64_t from = band.first(m), to = square ? dense_keys(true, m, S) : band.end(last);
+  const int64_t whole_from = band.first(last), whole_to = band.end(m);  // the keys every row of the tile sees
+  for (int64_t n = from; n < to; n += kKeyTile) {
+    const int64_t kb = std::min(kKeyTile, to - n);
+    if (n >= whole_from && n + kb <= whole_to) {
+      chunk(n, kb, [](int64_t) { return int64_t(0); }, [kb](int64_t) { return kb; });
+    } else {
+      chunk(n, kb, [&band, m, n, kb](int64_t i) { return std::clamp<int64_t>(band.first(m + i) - n, 0, kb); },
+            [&band, m, n, kb](int64_t i) { return std::clamp<int64_t>(band.end(m + i) - n, 0, kb); });
+    }
   }
+  const int64_t kw = square ? diagonal_keys(true, m, qb, S) : 0;
   if (kw > 0) {
     diagonal_square(kw, [kw](int64_t i) { return diagonal_len(i, kw); },
                     [kw](int64_t i) { return diagonal_valid(i, kw); });
@@ -424,7 +445,7 @@ void for_each_piece(bool causal, int64_t m, int64_t qb, int64_t S, Dense&& dense
 
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& lse, bool causal, double scale_) {
+                  const at::Tensor& lse, const Band& band, double scale_) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   const int64_t group = H / k.size(1), tiles = query_tiles(L);
   const int64_t ld = round_up<T>(std::min(kKeyTile, S));  // score rows; the diagonal is narrower (kQueryTile)
@@ -445,13 +466,19 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         shift[i] = l[i * LSE.row];
         row_sum[i] = shift[i] == -std::numeric_limits<T>::infinity() ? T(0) : T(1);  // out has weight 1
       }
-      // The online softmax over the scores of row i's first len(i) keys; zeros after them, up to valid(i).
+      // The online softmax over the scores of row i's keys [first(i), end(i)); zeros elsewhere, up to valid(i).
       // row_sum[i] and out's row i hold sum exp(score - shift[i]) and sum exp(score - shift[i]) v over the keys
       // so far; any shift is exact, and it need not be the running maximum as long as no term can overflow.
-      auto fold = [&](auto len, auto valid) {
+      auto fold = [&](auto first, auto end, auto valid) {
         for (int64_t i = 0; i < qb; ++i) {
-          T* r = scores.data() + i * ld;
-          const int64_t n = len(i);
+          T* row = scores.data() + i * ld;
+          const int64_t a = first(i), n = end(i) - a;
+          std::fill(row, row + a, T(0));
+          if (n <= 0) {  // no key of this chunk
+            std::fill(row + a, row + valid(i), T(0));
+            continue;
+          }
+          T* r = row + a;
           const T top = row_max(r, n);
           if (top > shift[i] + kShiftSlack) {  // the shift moves only when a score would overflow its slack
             const T rescale = std::exp(shift[i] - top);
@@ -461,21 +488,21 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             for (int64_t d = 0; d < D; ++d) oi[d] *= rescale;
           }
           row_sum[i] += exp_shifted(r, n, shift[i]);
-          std::fill(r + n, r + valid(i), T(0));
+          std::fill(row + a + n, row + valid(i), T(0));
         }
       };
-      auto dense_chunk = [&](int64_t n, int64_t kb, auto all) {
+      auto dense_chunk = [&](int64_t n, int64_t kb, auto first, auto end) {
         gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m), Q.row, T(0), scores.data(), ld);
-        fold(all, all);
+        fold(first, end, [kb](int64_t) { return kb; });
         gemm('N', 'N', D, qb, kb, T(1), V.at(b, hk, n), V.row, scores.data(), ld, T(1), o, O.row);
       };
       auto diagonal_square = [&](int64_t kw, auto len, auto valid) {
         diagonal_scores(Q.at(b, h, m), Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, scores.data(), ld,
                         packed.data());
-        fold(len, valid);
+        fold([](int64_t) { return int64_t(0); }, len, valid);
         diagonal_rows_times(scores.data(), ld, V.at(b, hk, m), V.row, qb, kw, D, o, O.row);
       };
-      for_each_piece(causal, m, qb, S, dense_chunk, diagonal_square);
+      for_each_piece(band, m, qb, dense_chunk, diagonal_square);
       for (int64_t i = 0; i < qb; ++i) {
         if (row_sum[i] == T(0)) continue;  // no key seen, before or now
         const T inv = T(1) / row_sum[i];
@@ -491,12 +518,13 @@ constexpr int64_t kSpareBytes = int64_t(256) << 20;  // the most the backward al
 
 // Boundaries of `parts` runs of a kv head's (query head, query tile) items, item = head * tiles + tile, of about
 // equal work (a causal tile's work grows with the keys it sees): cut[p] .. cut[p + 1] is part p.
-inline std::vector<int64_t> cut_by_work(bool causal, int64_t L, int64_t S, int64_t tiles, int64_t group,
+inline std::vector<int64_t> cut_by_work(const Band& band, int64_t L, int64_t tiles, int64_t group,
                                         int64_t parts) {
   std::vector<double> done(group * tiles + 1, 0.0);  // work of the items before each one
   for (int64_t item = 0; item < group * tiles; ++item) {
     const int64_t m = item % tiles * kQueryTile, qb = std::min(kQueryTile, L - m);
-    const double keys = dense_keys(causal, m, S) + 0.5 * diagonal_keys(causal, m, qb, S);
+    const double keys = 0.5 * (std::max<int64_t>(0, band.end(m) - band.first(m)) +
+                               std::max<int64_t>(0, band.end(m + qb - 1) - band.first(m + qb - 1)));
     done[item + 1] = done[item] + qb * (keys + 64);  // + 64: a tile's own cost, as if it saw 64 more keys
   }
   std::vector<int64_t> cut(parts + 1, group * tiles);
@@ -510,7 +538,7 @@ inline std::vector<int64_t> cut_by_work(bool causal, int64_t L, int64_t S, int64
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv, bool causal, double scale_) {
+                   const at::Tensor& dv, const Band& band, double scale_) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   const int64_t group = H / Hkv, ld = round_up<T>(std::min(kKeyTile, S));
   const T scale = static_cast<T>(scale_);
@@ -526,7 +554,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t part_bytes = std::max<int64_t>(1, pairs * 2 * S * D * int64_t(sizeof(T)));  // a part's spares
   const int64_t parts =
       pairs >= threads ? 1 : std::min({items, (threads + pairs - 1) / pairs, 1 + kSpareBytes / part_bytes});
-  const std::vector<int64_t> cut = cut_by_work(causal, L, S, tiles, group, parts);
+  const std::vector<int64_t> cut = cut_by_work(band, L, tiles, group, parts);
   std::vector<T> spares((parts - 1) * pairs * 2 * S * D);  // dK then dV of (part, pair), rows of D; zeros
   auto spare_of = [&](int64_t part, int64_t pair) { return spares.data() + ((part - 1) * pairs + pair) * 2 * S * D; };
   TaskQueue queue(pairs * parts);
@@ -548,13 +576,15 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         const T* do_rows = dO.at(b, h, m);
         const T* lse_rows = LSE.at(b, h, m);
         T* dq_rows = dQ.at(b, h, m);
-        // From scores (p) and dO V^T (ds), for row i's first len(i) keys: P = exp(scores - lse) and
-        // dS = scale * P * (dP - delta); zeros after them, up to valid(i).
-        auto gradients = [&](auto len, auto valid) {
+        // From scores (p) and dO V^T (ds), for row i's keys [first(i), end(i)): P = exp(scores - lse) and
+        // dS = scale * P * (dP - delta); zeros elsewhere, up to valid(i).
+        auto gradients = [&](auto first, auto end, auto valid) {
           for (int64_t i = 0; i < qb; ++i) {
-            T* pr = p + i * ld;
-            T* dsr = ds + i * ld;
-            const int64_t n = len(i);
+            const int64_t a = first(i), n = std::max<int64_t>(0, end(i) - a);
+            std::fill(p + i * ld, p + i * ld + a, T(0));
+            std::fill(ds + i * ld, ds + i * ld + a, T(0));
+            T* pr = p + i * ld + a;
+            T* dsr = ds + i * ld + a;
             exp_shifted(pr, n, lse_rows[i * LSE.row]);
             const T di = delta[i];
             const Vec<T> dl(di), sc(scale);
@@ -563,14 +593,14 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
               (Vec<T>::loadu(pr + j) * (Vec<T>::loadu(dsr + j) - dl) * sc).store(dsr + j);
             }
             for (; j < n; ++j) dsr[j] = pr[j] * (dsr[j] - di) * scale;
-            std::fill(pr + n, pr + valid(i), T(0));
-            std::fill(dsr + n, dsr + valid(i), T(0));
+            std::fill(pr + n, p + i * ld + valid(i), T(0));
+            std::fill(dsr + n, ds + i * ld + valid(i), T(0));
           }
         };
-        auto dense_chunk = [&](int64_t n, int64_t kb, auto all) {
+        auto dense_chunk = [&](int64_t n, int64_t kb, auto first, auto end) {
           gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, ld);  // scores
           gemm('T', 'N', kb, qb, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), ds, ld);  // dO V^T
-          gradients(all, all);
+          gradients(first, end, [kb](int64_t) { return kb; });
           // dV += P^T dO;  dQ += dS K;  dK += dS^T Q
           gemm('N', 'T', D, kb, qb, T(1), do_rows, dO.row, p, ld, T(1), dv_h + n * ldv, ldv);
           gemm('N', 'N', D, qb, kb, T(1), K.at(b, hk, n), K.row, ds, ld, T(1), dq_rows, dQ.row);
@@ -579,12 +609,12 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         auto diagonal_square = [&](int64_t kw, auto len, auto valid) {  // the same five products
           diagonal_scores(q_rows, Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, p, ld, packed.data());
           diagonal_scores(do_rows, dO.row, V.at(b, hk, m), V.row, qb, kw, D, T(1), ds, ld, packed.data());
-          gradients(len, valid);
+          gradients([](int64_t) { return int64_t(0); }, len, valid);
           diagonal_transposed_times(p, ld, do_rows, dO.row, qb, kw, D, dv_h + m * ldv, ldv);
           diagonal_rows_times(ds, ld, K.at(b, hk, m), K.row, qb, kw, D, dq_rows, dQ.row);
           diagonal_transposed_times(ds, ld, q_rows, Q.row, qb, kw, D, dk_h + m * ldk, ldk);
         };
-        for_each_piece(causal, m, qb, S, dense_chunk, diagonal_square);
+        for_each_piece(band, m, qb, dense_chunk, diagonal_square);
       }
     }
   });
@@ -604,18 +634,24 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   }
 }
 
+Band band_of(bool causal, std::optional<int64_t> window, int64_t S) {
+  TORCH_CHECK(!causal || !window || *window >= 1, "a causal window must be at least 1");
+  return Band{causal, window.has_value(), window.value_or(0), S};
+}
+
 }  // namespace
 
 // Folds softmax(scale * q k^T) v into the running sums, in place: out (B, H, L, D) and lse (B, H, L) hold the
 // attention of these queries over the keys seen so far (out = 0 and lse = -inf where none), and on return
 // over those keys and k too. The earlier keys act as one more key, of score lse and value out, so the merge
-// is the kernel's own online softmax. A query that sees no key of k keeps its sums.
+// is the kernel's own online softmax. A query that sees no key of k keeps its sums. Query i sees key j iff
+// j <= i (causal) and i - j < window (a window given).
 void flash_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                    const at::Tensor& lse, bool causal, double scale_) {
+                    const at::Tensor& lse, bool causal, double scale_, std::optional<int64_t> window) {
   check_qkv(q, k, v);
   check(out, "out", q.sizes(), q.scalar_type()), check(lse, "lse", q.sizes().slice(0, 3), q.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_forward_", [&] {
-    forward_impl<scalar_t>(q, k, v, out, lse, causal, scale_);
+    forward_impl<scalar_t>(q, k, v, out, lse, band_of(causal, window, k.size(2)), scale_);
   });
 }
 
@@ -623,20 +659,23 @@ void flash_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // gradient and the *final* out and lse of these queries (over every key, not only k's).
 void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                     const at::Tensor& dv, bool causal, double scale_) {
+                     const at::Tensor& dv, bool causal, double scale_, std::optional<int64_t> window) {
   check_qkv(q, k, v);
   const auto dtype = q.scalar_type();
   check(dout, "dout", q.sizes(), dtype), check(out, "out", q.sizes(), dtype);
   check(lse, "lse", q.sizes().slice(0, 3), dtype);
   check(dq, "dq", q.sizes(), dtype), check(dk, "dk", k.sizes(), dtype), check(dv, "dv", k.sizes(), dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "flash_backward_", [&] {
-    backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, causal, scale_);
+    backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, band_of(causal, window, k.size(2)), scale_);
   });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward_", &flash_forward_, "fold a block into the running (out, lse), in place");
-  m.def("backward_", &flash_backward_, "add a block's gradients into (dq, dk, dv), in place");
+  m.def("forward_", &flash_forward_, "fold a block into the running (out, lse), in place", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none());
+  m.def("backward_", &flash_backward_, "add a block's gradients into (dq, dk, dv), in place", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none());
 #ifdef INTRA_OP_PARALLEL
   m.attr("intra_op_parallel") = true;  // tasks run on torch's intra-op (OpenMP) threads
 #else

@@ -33,9 +33,12 @@ documents' global offsets as ``cu_seq_lens_q``/``cu_seq_lens_k``, which the mode
 Padding: ``shard_inputs(..., attention_mask=mask)`` takes a tokenizer's padding mask (left or right padding)
 and makes the padding documents of their own, so no token attends to it.
 
-What cannot be served exactly raises ValueError, on every rank: padding masks given to the model, sliding
-windows shorter than the sequence, non-causal attention, attention dropout, attention weights as outputs, KV
-caches (generation), softcapping and attention sinks.
+Sliding windows (Mistral, Gemma's and GPT-OSS's local layers): each layer's ``sliding_window`` goes to the
+ring as its ``window``, so local and global layers share the layout.
+
+What cannot be served exactly raises ValueError, on every rank: padding masks given to the model, non-causal
+attention, attention dropout, attention weights as outputs, KV caches (generation), softcapping and attention
+sinks.
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ class _Setup:
         documents = kwargs.get("cu_seq_lens_q")  # packed documents, from shard_inputs (checked by the hook)
         out = ring_attention(  # a named layout (BALANCED: the ring orders the documents) is one op when compiled
             query, key, value, layout=self.layout, group=self.group, causal=True, softmax_scale=scaling,
-            cu_seqlens=documents,
+            cu_seqlens=documents, window=kwargs.get("sliding_window"),  # None: every earlier token
         )
         return out.transpose(1, 2).contiguous(), None
 
@@ -289,13 +292,6 @@ class _Setup:
             raise ValueError(_UNSUPPORTED["cache"] + f" (got {query.shape[2]} queries and {key.shape[2]} keys)")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(_UNSUPPORTED["mask"] + f" (got a {attention_mask.dim()}-D mask)")
-        window = kwargs.get("sliding_window")
-        seq = query.shape[2] * _group_rank_size(self.group)[1]
-        if window is not None and window < seq:
-            raise ValueError(
-                f"sliding window attention (window {window}) is not supported for sequences longer than the window "
-                f"(got {seq} tokens): the ring attends to the whole causal past"
-            )
 
     # -- loss ------------------------------------------------------------------------------------------
 
