@@ -116,7 +116,7 @@ def _sdpa(q, k, v, causal, cu_seqlens=None, window=None):
     if cu_seqlens is not None:
         pieces = [slice(a, b) for a, b in zip(cu_seqlens, cu_seqlens[1:]) if b > a]
         return torch.cat([_sdpa(q[:, :, s], k[:, :, s], v[:, :, s], causal, window=window) for s in pieces], dim=2)
-    mask = None if window is None else kernels._mask(q.shape[2], k.shape[2], causal, window, q.device)
+    mask = None if window is None else kernels.visible(q.shape[2], k.shape[2], causal, window, q.device)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=q.shape[1] != k.shape[1]
     )

@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "attention_forward", "attention_backward", "attention_forward_", "attention_backward_", "reference_forward",
-    "reference_backward", "merge_", "no_keys_seen", "first_sums",
+    "reference_backward", "merge_", "no_keys_seen", "first_sums", "visible",
 ]
 
 aten = torch.ops.aten
@@ -46,7 +46,7 @@ def _fold_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, n, d).sum(2)
 
 
-def _mask(q_len: int, k_len: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
+def visible(q_len: int, k_len: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
     """(q_len, k_len) bool, True where query i sees key j; None where it sees every key."""
     if not causal and window is None:
         return None
@@ -67,7 +67,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _scores(qf, kf, causal, window, scale):
     scores = qf @ kf.transpose(-1, -2) * scale
-    mask = _mask(qf.shape[2], kf.shape[2], causal, window, qf.device)
+    mask = visible(qf.shape[2], kf.shape[2], causal, window, qf.device)
     return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
 
 
