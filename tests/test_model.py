@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,31 @@ def test_attention_matches_sdpa_with_rope():
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_sliding_windows_make_local_layers_and_every_kth_global():
+    """window_of: the windowed layers and the global ones; a local layer's attention equals SDPA under the
+    window's mask, and the model's logits change with the window."""
+    gemma = LlamaConfig(d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=48, sliding_window=5, global_every=3)
+    assert [gemma.window_of(i) for i in range(6)] == [5, 5, None, 5, 5, None]
+    assert [replace(gemma, global_every=0).window_of(i) for i in range(6)] == [5] * 6
+    assert [SMALL.window_of(i) for i in range(2)] == [None, None]
+    local = model(cfg=replace(SMALL, sliding_window=5))
+    attn = local.layers[0].attention
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    cos, sin = rope_angles(torch.arange(16), SMALL.head_dim)
+
+    def heads(w, n):
+        return w(x).view(2, 16, n, SMALL.head_dim).transpose(1, 2)
+
+    q, k = apply_rope(heads(attn.wq, 4), cos, sin), apply_rope(heads(attn.wk, 2), cos, sin)
+    distance = torch.arange(16)[:, None] - torch.arange(16)[None, :]
+    y = F.scaled_dot_product_attention(q, k, heads(attn.wv, 2), attn_mask=(distance >= 0) & (distance < 5),
+                                       enable_gqa=True)
+    want = attn.wo(y.transpose(1, 2).reshape(2, 16, 32))
+    assert torch.allclose(attn(x, cos, sin, "striped", None), want, atol=1e-6, rtol=1e-5)
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(local(tokens, torch.arange(16)), model()(tokens, torch.arange(16)))
+
+
 def test_rope_scores_depend_only_on_relative_position():
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
@@ -174,6 +201,9 @@ def test_bfloat16_autocast_forward_and_backward():
         (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
         (dict(d_model=12, n_heads=4, n_kv_heads=4), "must be even for RoPE"),
         (dict(n_layers=0), "n_layers must be a positive integer"),
+        (dict(sliding_window=0), "sliding_window must be a positive integer"),
+        (dict(sliding_window=4, global_every=-1), "global_every must be an integer >= 0"),
+        (dict(global_every=2), "it needs a sliding_window"),
     ],
 )
 def test_bad_config(kwargs, message):

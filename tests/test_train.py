@@ -66,9 +66,13 @@ def first_step_gradients(cfg: T.TrainConfig, par: T.Parallel) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
+WINDOWED = dict(sliding_window=37, global_every=2)  # tiny's first layer local, its second global
+
+
 def run_parallel(world: int, dp: int, layouts: tuple[str, ...], checkpointed: bool = False) -> dict:
     """On each rank: the records of an 8-step run and the step-1 gradients, per layout; with ``checkpointed``
-    also the step-1 gradients of the first layout's model under activation checkpointing."""
+    also the step-1 gradients of the first layout's model under activation checkpointing, and of each layout's
+    model with a sliding window (WINDOWED)."""
     par = T.Parallel.build(dp, torch.device("cpu"))
     out = {}
     for layout in layouts:
@@ -77,6 +81,9 @@ def run_parallel(world: int, dp: int, layouts: tuple[str, ...], checkpointed: bo
     if checkpointed:
         cfg = replace(BASE, world_size=world, dp=dp, layout=layouts[0], activation_checkpointing=True)
         out["checkpointed"] = first_step_gradients(cfg, par)
+        for layout in layouts:
+            cfg = replace(BASE, world_size=world, dp=dp, layout=layout, **WINDOWED)
+            out["windowed", layout] = first_step_gradients(cfg, par)
     return out
 
 
@@ -125,6 +132,15 @@ def test_two_ranks_reproduce_the_one_rank_gradients(layout):
     for rank_result in cp2():
         _, grads = rank_result[layout]
         assert relative(grads, reference_gradients()) < 1e-5
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sliding_window_layers_reproduce_the_one_rank_gradients(layout):
+    """--sliding-window 37 --global-every 2: a local and a global layer, one layout for both."""
+    want = first_step_gradients(replace(BASE, **WINDOWED), T.Parallel())
+    assert relative(want, reference_gradients()) > 1e-3  # the window changes the model
+    for rank_result in cp2():
+        assert relative(rank_result["windowed", layout], want) < 1e-5
 
 
 def test_activation_checkpointing_recomputes_the_ring_exactly():
@@ -456,7 +472,8 @@ def test_help_explains_every_flag(capsys):
         cli_main(["train", "--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--seq-len", "--world-size", "--dp", "--layout", "--steps", "--lr", "--seed", "--dtype",
-                 "--log-json", "--checkpoint-dir", "--resume", "--eval-every", "--batch", "--threads", "--compile"):
+                 "--log-json", "--checkpoint-dir", "--resume", "--eval-every", "--batch", "--threads", "--compile",
+                 "--sliding-window", "--global-every"):
         assert flag in text
 
 
@@ -483,6 +500,8 @@ def test_threads_apply_to_a_single_process_run_and_are_restored(monkeypatch):
         (dict(steps=0), "steps must be >= 1"),
         (dict(threads=0), "threads must be >= 1"),
         (dict(compile="nope"), "unknown torch.compile backend 'nope'"),
+        (dict(sliding_window=0), "sliding_window must be a positive integer"),
+        (dict(global_every=2), "it needs a sliding_window"),
     ],
 )
 def test_bad_config(changes, message):

@@ -59,7 +59,7 @@ CHECKPOINT = "checkpoint.pt"
 # the fields a resumed run must share with its checkpoint: together they fix the loss curve
 CURVE_FIELDS = (
     "model", "seq_len", "batch", "steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
-    "seed", "dtype", "data", "val_percent", "documents",
+    "seed", "dtype", "data", "val_percent", "documents", "sliding_window", "global_every",
 )
 
 
@@ -86,6 +86,8 @@ class TrainConfig:
     data: str | None = None  # directory of *.py files; None: the Python standard library
     val_percent: float = 5.0  # share of the corpus files held out for validation
     documents: bool = False  # attend within each file only: a window's files are packed documents
+    sliding_window: int | None = None  # local layers' window (tokens); None: every layer sees the whole past
+    global_every: int = 0  # with a window, every global_every-th layer sees the whole past; 0: none does
     log_json: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50  # steps between checkpoints (and one after the last step)
@@ -98,7 +100,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        get_config(self.model)
+        self.model_config()
         layout = get_layout(for_documents(self.layout, None, 1))
         for name in ("seq_len", "batch", "world_size", "dp", "steps", "eval_batches", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -129,6 +131,10 @@ class TrainConfig:
         if self.compile is not None and self.compile not in torch._dynamo.list_backends(exclude_tags=()):
             raise ValueError(f"unknown torch.compile backend {self.compile!r}; choose one of "
                              f"{', '.join(torch._dynamo.list_backends())}")
+
+    def model_config(self):
+        """The model preset, with this run's sliding windows (ValueError on bad ones)."""
+        return replace(get_config(self.model), sliding_window=self.sliding_window, global_every=self.global_every)
 
     @property
     def cp(self) -> int:
@@ -363,7 +369,7 @@ def build_model_and_optimizer(cfg: TrainConfig, device: torch.device):
     (weight decay on matrices only). With ``cfg.fsdp`` the model is sharded first (:func:`shard_model`), so
     AdamW's state is sharded too."""
     torch.manual_seed(cfg.seed)
-    model = Llama(get_config(cfg.model), activation_checkpointing=cfg.activation_checkpointing).to(device)
+    model = Llama(cfg.model_config(), activation_checkpointing=cfg.activation_checkpointing).to(device)
     if cfg.fsdp:
         shard_model(model, device)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
@@ -653,6 +659,12 @@ def add_parser(subparsers) -> None:
     add("--documents", action="store_true",
         help="attend within each file only: the files in a sequence are packed documents (ring_attention's "
              "cu_seqlens, one list per row); every token keeps its next-byte target")
+    add("--sliding-window", type=int, metavar="TOKENS", default=argparse.SUPPRESS,
+        help="local layers: each token sees itself and the TOKENS - 1 before it (ring_attention's window; "
+             "default: every layer sees the whole past)")
+    add("--global-every", type=int, metavar="K", default=argparse.SUPPRESS,
+        help="with --sliding-window, every K-th layer sees the whole past (Gemma 2, GPT-OSS: 2; Gemma 3: 6; "
+             "default 0: no layer)")
     add("--log-json", metavar="PATH", help="write one JSON object per step (step, loss, tokens_per_s, ...) to PATH")
     add("--checkpoint-dir", metavar="DIR", help="save DIR/checkpoint.pt every --checkpoint-every steps and at the end")
     add("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
@@ -675,6 +687,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def _windows(cfg: TrainConfig) -> str:
+    if cfg.sliding_window is None:
+        return ""
+    every = f", one layer in {cfg.global_every} global" if cfg.global_every else ""
+    return f", sliding window {cfg.sliding_window}{every}"
+
+
 def main(args) -> int:
     from .launch import under_torchrun
 
@@ -686,9 +705,10 @@ def main(args) -> int:
         cfg = TrainConfig(**values)
         if lead:
             print(
-                f"training {cfg.model} ({get_config(cfg.model).num_params() / 1e6:.1f}M parameters) on {cfg.batch} x "
+                f"training {cfg.model} ({cfg.model_config().num_params() / 1e6:.1f}M parameters) on {cfg.batch} x "
                 f"{cfg.seq_len} tokens per step, {cfg.world_size} rank(s) = dp {cfg.dp} x cp {cfg.cp}, layout "
-                f"{cfg.layout}, {cfg.dtype}, steps {cfg.steps}{', files as packed documents' if cfg.documents else ''}",
+                f"{cfg.layout}, {cfg.dtype}, steps {cfg.steps}{', files as packed documents' if cfg.documents else ''}"
+                f"{_windows(cfg)}",
                 flush=True,
             )
         records = run(cfg)

@@ -46,11 +46,22 @@ class LlamaConfig:
     vocab_size: int = 256
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    # local layers (Mistral, Gemma, GPT-OSS): each token sees the last sliding_window tokens; None: every layer
+    # sees the whole past. With a window, every global_every-th layer (the last of each group) is global
+    # (Gemma 2 and GPT-OSS: 2; Gemma 3: 6); 0: no layer is.
+    sliding_window: int | None = None
+    global_every: int = 0
 
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if not isinstance(self.global_every, int) or self.global_every < 0:
+            raise ValueError(f"global_every must be an integer >= 0, got {self.global_every!r}")
+        if self.global_every and self.sliding_window is None:
+            raise ValueError("global_every chooses the global layers among windowed ones: it needs a sliding_window")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
@@ -61,6 +72,12 @@ class LlamaConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def window_of(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (None: it attends to the whole past)."""
+        if self.sliding_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
+            return None
+        return self.sliding_window
 
     @property
     def kv_dim(self) -> int:
@@ -153,11 +170,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal GQA self-attention over the whole (sharded) sequence: only K/V's n_kv_heads ride the ring."""
+    """Causal GQA self-attention over the whole (sharded) sequence, or the last ``window`` tokens: only K/V's
+    n_kv_heads ride the ring."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, window: int | None = None):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.window = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, window
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -170,7 +188,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = ring_attention(q, k, v, layout=layout, group=group, causal=True, cu_seqlens=cu_seqlens)
+        y = ring_attention(q, k, v, layout=layout, group=group, causal=True, cu_seqlens=cu_seqlens, window=self.window)
         return self.wo(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
@@ -190,10 +208,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, window: int | None = None):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, window)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -215,7 +233,7 @@ class Llama(nn.Module):
         self.config = config
         self.activation_checkpointing = activation_checkpointing  # recompute each layer in the backward
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, config.window_of(i)) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
