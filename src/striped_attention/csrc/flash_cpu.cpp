@@ -2,7 +2,8 @@
 //
 // Shapes: q (B, H, L, D); k, v (B, Hkv, S, D), H % Hkv == 0 (GQA); out like q; lse (B, H, L).
 // Every operand may be strided, with unit stride along D; all share one dtype. Causal masking is top-left
-// aligned: query i sees keys 0..i.
+// aligned: query i sees keys 0..i. A window (sliding windows, the bands of a layout's pieces) also keeps query i
+// to the keys j > i - window.
 //
 // Tiled like torch's CPU flash kernel: 256 queries at a time, against 512 keys at a time, BLAS for the
 // products, an online softmax in between. Under a causal mask a query tile [m, m + 256) sees the keys before m
