@@ -12,6 +12,7 @@ from striped_attention.layouts import Documents, Windowed, for_documents
 from striped_attention.ring import last_step
 
 DOCUMENTS = (0, 5, 17, 18, 40, 48)
+DOCUMENTS_PER_ROW = (DOCUMENTS, (0, 30, 48))
 
 
 def window_mask(seq: int, window: int, cu_seqlens=None) -> torch.Tensor:
@@ -25,9 +26,13 @@ def window_mask(seq: int, window: int, cu_seqlens=None) -> torch.Tensor:
 
 
 def windowed_reference(q, k, v, dout, window, cu_seqlens=None):
-    """float64 attention on the whole sequence under the window: (out, dq, dk, dv)."""
+    """float64 attention on the whole sequence under the window (and documents: one set, or one per row):
+    (out, dq, dk, dv)."""
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    mask = window_mask(q.shape[2], window, cu_seqlens)
+    if cu_seqlens is not None and isinstance(cu_seqlens[0], tuple):
+        mask = torch.stack([window_mask(q.shape[2], window, row) for row in cu_seqlens]).unsqueeze(1)
+    else:
+        mask = window_mask(q.shape[2], window, cu_seqlens)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     out.backward(dout)
     return out.detach(), q.grad, k.grad, v.grad
@@ -164,6 +169,7 @@ def _cases(world):
     cases = [c for c in cases if c[0] != "balanced"]  # balanced needs documents
     cases += [(name, window, DOCUMENTS, "float32", {}) for name in (*sorted(LAYOUTS), "balanced")
               for window in (3, share + 1)]
+    cases += [(name, 13, DOCUMENTS_PER_ROW, "float32", {}) for name in sorted(LAYOUTS)]  # each row its own
     cases += [("striped", 7, None, "bfloat16", {}), ("zigzag", 7, None, "float64", {"backend": "reference"}),
               ("contiguous", 9, None, "float32", {"head_groups": 2})]
     return cases
@@ -196,8 +202,12 @@ def window_results(world):
 WINDOW_CASES = [(world, case) for world in (2, 3) for case in _cases(world)]
 
 
+def _documents_id(cu_seqlens) -> str:
+    return "one" if cu_seqlens is None else "per-row" if isinstance(cu_seqlens[0], tuple) else "documents"
+
+
 @pytest.mark.parametrize("world, case", WINDOW_CASES,
-                         ids=[f"N{w}-{c[0]}-w{c[1]}-{'documents' if c[2] else 'one'}-{c[3]}-{''.join(c[4])}"
+                         ids=[f"N{w}-{c[0]}-w{c[1]}-{_documents_id(c[2])}-{c[3]}-{''.join(c[4])}"
                               for w, c in WINDOW_CASES])
 def test_ring_matches_float64_attention_under_the_window(world, case):
     name, window, documents, dtype, _ = case
