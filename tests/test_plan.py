@@ -10,8 +10,8 @@ import pytest
 from striped_attention import LAYOUTS, cli
 from striped_attention.models.llama import LlamaConfig
 from striped_attention.plan import (
-    HARDWARE, MODELS, attention_fraction, critical_pairs, critical_path_s, document_step_pairs, max_training_speedup,
-    plan, ring_transfers, step_pairs, theoretical_max_speedup,
+    HARDWARE, MODELS, attention_fraction, critical_pairs, critical_path_s, document_step_pairs, exact_step_pairs,
+    max_training_speedup, plan, ring_transfers, step_pairs, theoretical_max_speedup,
 )
 from striped_attention.ring import source_rank
 
@@ -214,3 +214,39 @@ def test_plan_command_with_documents(tmp_path, capsys):
     assert len(data["cu_seqlens"]) == 7 and set(data["attention_share"]) == set(LAYOUTS)
     with pytest.raises(SystemExit, match="--documents must be from 1"):
         cli.main(["plan", "--documents", "0"])
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_window_counts_cover_the_window_and_contiguous_stops_early(name):
+    """exact_step_pairs under a window: every in-window pair of the sequence once (with documents too), and a
+    window of at most one share leaves contiguous's steps after the first empty."""
+    for n, c in ((2, 8), (3, 10), (4, 6)):
+        for window in (1, 4, c, c + 3, 2 * c + 1):
+            counts = exact_step_pairs(name, n, n * c, window=window)
+            assert sum(map(sum, counts)) == sum(min(p + 1, window) for p in range(n * c))
+            if name == "contiguous":  # a share's first query reaches back window - 1 tokens: this many shares
+                last = -(-(window - 1) // c)
+                assert all(map(sum, counts[: min(last, n - 1) + 1])) and not any(map(sum, counts[last + 1:]))
+        cu = [0, 5, 5, n * c - 3, n * c]
+        counts = exact_step_pairs(name, n, n * c, cu_seqlens=cu, window=4)
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        assert sum(map(sum, counts)) == sum(min(p + 1, 4) for length in lengths for p in range(length))
+
+
+def test_plan_with_a_window(tmp_path, capsys):
+    p = plan(MODELS["1b"], HARDWARE["h100-nvlink"], seq_len=32768, sp_degree=4, window=2048)
+    c = 32768 // 4
+    for name in LAYOUTS:  # exact counts: the slowest device's pairs at each step over the unmasked N c^2
+        counts = exact_step_pairs(name, 4, 32768, window=2048)
+        assert p.attention_share[name] == pytest.approx(sum(map(max, counts)) / (4 * c * c))
+    fwd = {s.layout: s for s in p.steps if s.pass_ == "fwd"}
+    assert p.window == 2048 and fwd["contiguous"].critical_path_s < fwd["zigzag"].critical_path_s
+    whole = plan(MODELS["1b"], HARDWARE["h100-nvlink"], seq_len=32768, sp_degree=4, window=32768)
+    assert whole.window is None and whole.steps == plan(MODELS["1b"], HARDWARE["h100-nvlink"], seq_len=32768,
+                                                        sp_degree=4).steps
+    path = tmp_path / "plan.json"
+    assert cli.main(["plan", "--seq-len", "16384", "--sp-degree", "8", "--window", "1024", "--json", str(path)]) == 0
+    assert "16,384 tokens, sliding window 1,024" in capsys.readouterr().out
+    assert json.loads(path.read_text())["window"] == 1024
+    with pytest.raises(SystemExit, match="window must be >= 1"):
+        cli.main(["plan", "--window", "0"])

@@ -12,8 +12,9 @@ communication overlaps compute; per token and layer, the non-attention matmuls c
 backward costs 2x forward for ordinary matmuls and 2.5x for attention (it recomputes the scores).
 
 With packed documents (``--documents N``: the sequence cut at N - 1 random points, as ``bench`` and
-``simulate`` cut it) the closed forms give way to exact counts: the pairs each device computes at each ring
-step, from the layout's pieces cut at the documents (:func:`document_step_pairs`).
+``simulate`` cut it) or a sliding window (``--window W``) the closed forms give way to exact counts: the pairs
+each device computes at each ring step, from the layout's pieces cut at the documents and to the window
+(:func:`exact_step_pairs`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from .bench import random_documents
 from .cli import UsageError, describe
-from .layouts import BALANCED, LAYOUTS, Documents, cut_at_documents, for_documents, get_layout
+from .layouts import BALANCED, LAYOUTS, Documents, Windowed, cut_at_documents, for_documents, get_layout
 from .models.llama import PRESETS, LlamaConfig
 from .ring import source_rank
 
@@ -115,10 +116,20 @@ def critical_pairs(layout: str, *, step: int, local_len: int, world_size: int) -
 def document_step_pairs(layout: str, cu_seqlens, world_size: int) -> list[list[int]]:
     """[step][rank]: the (query, key) pairs each rank computes at each ring step, exactly, when a causal
     sequence packs the documents of ``cu_seqlens`` (ring_attention's offsets)."""
-    documents = cut_at_documents(layout, tuple(cu_seqlens), world_size)
-    c = documents.cu_seqlens[-1] // world_size
-    documents.check(c * world_size, world_size)
-    return [[sum(b.pairs() for b in documents.blocks(r, source_rank(r, step, world_size), c, world_size, True))
+    return exact_step_pairs(layout, world_size, tuple(cu_seqlens)[-1], cu_seqlens=cu_seqlens)
+
+
+def exact_step_pairs(layout: str, world_size: int, seq_len: int, *, cu_seqlens=None,
+                     window: int | None = None) -> list[list[int]]:
+    """[step][rank]: the (query, key) pairs each rank computes at each ring step of a causal sequence of
+    ``seq_len`` tokens, packing the documents ``cu_seqlens`` (None: one) under a sliding ``window`` (None:
+    none), counted from the layout's pieces as the ring computes them."""
+    pieces = cut_at_documents(layout, None if cu_seqlens is None else tuple(cu_seqlens), world_size)
+    pieces.check(seq_len, world_size)
+    if window is not None and window < seq_len:
+        pieces = Windowed(pieces, window)
+    c = seq_len // world_size
+    return [[sum(b.pairs() for b in pieces.blocks(r, source_rank(r, step, world_size), c, world_size, True))
              for r in range(world_size)] for step in range(world_size)]
 
 
@@ -256,6 +267,7 @@ class Plan:
     memory: Memory
     attention_share: dict[str, float]  # per layout: critical-path attention pairs / unmasked pairs (N c^2)
     cu_seqlens: tuple[int, ...] | None = None  # packed documents, if any
+    window: int | None = None  # sliding window, if any (shorter than the sequence)
 
     @property
     def local_len(self) -> int:
@@ -287,9 +299,11 @@ def _memory(m: LlamaConfig, c: int, n: int, batch: int, nbytes: int) -> Memory:
 
 
 def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int, batch: int = 1,
-         dtype: str = "bfloat16", layouts: tuple[str, ...] = tuple(LAYOUTS), cu_seqlens=None) -> Plan:
+         dtype: str = "bfloat16", layouts: tuple[str, ...] = tuple(LAYOUTS), cu_seqlens=None,
+         window: int | None = None) -> Plan:
     """Predict every layout's ring for ``model`` on ``sp_degree`` devices of ``hardware`` (see module doc);
-    ``cu_seqlens``: packed documents (ring_attention's offsets, ending at ``seq_len``), counted exactly."""
+    ``cu_seqlens``: packed documents (ring_attention's offsets, ending at ``seq_len``), ``window``: a sliding
+    window (every layer's), both counted exactly."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if batch < 1 or sp_degree < 1:
@@ -300,19 +314,23 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
         get_layout(for_documents(name, None, sp_degree)).check(seq_len, sp_degree)
     if BALANCED in layouts and cu_seqlens is None:
         raise ValueError(f"layout {BALANCED!r} orders packed documents: give cu_seqlens (--documents N)")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     nbytes, n = DTYPE_BYTES[dtype], sp_degree
     c = seq_len // n
     if cu_seqlens is not None:
         cu_seqlens = Documents("contiguous", cu_seqlens).cu_seqlens
         if cu_seqlens[-1] != seq_len:
             raise ValueError(f"cu_seqlens end at {cu_seqlens[-1]}, but the sequence has {seq_len} tokens")
+    window = window if window is not None and window < seq_len else None  # a whole-sequence one is none
+    exact = cu_seqlens is not None or window is not None
     critical = {  # per layout, the slowest device's pairs at each step
-        name: [max(pairs) for pairs in document_step_pairs(name, cu_seqlens, n)] if cu_seqlens
-        else [critical_pairs(name, step=i, local_len=c, world_size=n) for i in range(n)]
+        name: [max(pairs) for pairs in exact_step_pairs(name, n, seq_len, cu_seqlens=cu_seqlens, window=window)]
+        if exact else [critical_pairs(name, step=i, local_len=c, world_size=n) for i in range(n)]
         for name in dict.fromkeys(("contiguous", *layouts))
     }
-    share = {  # of unmasked attention on the critical path: exact with documents, else for long blocks
-        name: sum(pairs) / (n * c * c) if cu_seqlens else attention_fraction(name, n)
+    share = {  # of unmasked attention on the critical path: exact with documents or a window, else for long blocks
+        name: sum(pairs) / (n * c * c) if exact else attention_fraction(name, n)
         for name, pairs in critical.items()
     }
     pair_flops = 4 * model.head_dim * model.n_heads * batch * hardware.attention_cost_factor  # one pair, forward
@@ -324,7 +342,7 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
                            attention_cost_factor=hardware.attention_cost_factor)
         steady = min(1, n - 1)  # a step after the first, or step 0 for one device
         balance = 1.0 if name == "contiguous" else 0.5  # steady-step pairs per c^2, for long blocks
-        if cu_seqlens:  # as these documents' proportions give it
+        if exact:  # as these documents' proportions and the window give it
             balance = critical[name][steady] / (c * c)
         last = max((i for i, pairs in enumerate(critical[name]) if pairs), default=0)  # the ring stops there
         for pass_, factor in BACKWARD_FACTOR.items():
@@ -341,7 +359,7 @@ def plan(model: LlamaConfig, hardware: Hardware, *, seq_len: int, sp_degree: int
                 speedup=speedup,
             ))
     return Plan(model, hardware, seq_len, n, batch, dtype, tuple(steps), _memory(model, c, n, batch, nbytes),
-                {name: share[name] for name in layouts}, cu_seqlens)
+                {name: share[name] for name in layouts}, cu_seqlens, window)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -397,6 +415,9 @@ def add_parser(subparsers) -> None:
                    help="pack N documents into the sequence, cut at N - 1 random points drawn with --seed (as bench "
                         "and simulate cut them); each device's pairs are then counted exactly (default: 1)")
     w.add_argument("--seed", type=int, default=0, help="seed of the document cuts (default: %(default)s)")
+    w.add_argument("--window", metavar="TOKENS", type=int,
+                   help="sliding-window attention in every layer: each token sees itself and the TOKENS - 1 before "
+                        "it, counted exactly (default: every earlier token)")
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH")
     p.set_defaults(func=main)
 
@@ -450,6 +471,7 @@ def format_plan(p: Plan) -> str:
     """The human-readable report: setting, per-layout step table, memory, speedups."""
     m, hw, c = p.model, p.hardware, p.local_len
     packed = f" in {len(p.cu_seqlens) - 1} documents" if p.cu_seqlens else ""
+    packed += f", sliding window {p.window:,}" if p.window else ""
     lines = [
         f"model: d_model {m.d_model}, d_ff {m.d_ff}, {m.n_layers} layers, {m.n_heads} heads / {m.n_kv_heads} kv heads "
         f"({m.num_params() / 1e9:.2f} B parameters)",
@@ -481,11 +503,12 @@ def format_plan(p: Plan) -> str:
         f"  total with checkpointing and FSDP {_gb(mem.total(sharded=True))}{fits(mem.total(sharded=True))}",
         "",
     ]
-    if p.cu_seqlens:
+    if p.cu_seqlens or p.window:
         shares = ", ".join(f"{name} {share:.4f}" for name, share in p.attention_share.items())
         lines.append(f"attention alone, the slowest devices' pairs over the unmasked ones: {shares}")
+    if p.cu_seqlens:
         lines.append(f"documents: {list(p.cu_seqlens) if len(p.cu_seqlens) <= 17 else '(offsets in the JSON)'}")
-    else:
+    elif not p.window:
         contiguous = attention_fraction("contiguous", p.sp_degree)
         lines.append(f"attention alone: contiguous pays {contiguous:.4f} of unmasked attention, balanced layouts 0.5: "
                      f"at most {(2 * p.sp_degree - 1) / p.sp_degree:.3f}x")
@@ -504,7 +527,7 @@ def main(args) -> int:
             raise ValueError(f"--documents must be from 1 to --seq-len ({args.seq_len}), got {args.documents}")
         result = plan(model, hardware, seq_len=args.seq_len, sp_degree=args.sp_degree, batch=args.batch,
                       dtype=args.dtype, layouts=args.layouts,
-                      cu_seqlens=random_documents(args.seq_len, args.documents, args.seed))
+                      cu_seqlens=random_documents(args.seq_len, args.documents, args.seed), window=args.window)
     except ValueError as e:
         raise UsageError("plan", e) from None
     print(format_plan(result))
@@ -518,7 +541,8 @@ def plan_json(p: Plan) -> dict:
     """JSON-ready dict: the setting, one row per (layout, pass), and the memory."""
     return {
         "model": asdict(p.model), "hardware": asdict(p.hardware), "seq_len": p.seq_len, "sp_degree": p.sp_degree,
-        "batch": p.batch, "dtype": p.dtype, "cu_seqlens": p.cu_seqlens, "attention_share": p.attention_share,
+        "batch": p.batch, "dtype": p.dtype, "cu_seqlens": p.cu_seqlens, "window": p.window,
+        "attention_share": p.attention_share,
         "results": [
             {"layout": s.layout, "pass": s.pass_, "world_size": p.sp_degree, "seq_len": p.seq_len,
              "time_ms": s.critical_path_s * 1e3, "step_compute_ms": s.compute_s * 1e3,
