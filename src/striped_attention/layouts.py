@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 __all__ = [
     "Block", "Layout", "Contiguous", "Striped", "Zigzag", "Documents", "DocumentsPerRow", "DocumentOrder", "Windowed",
-    "balance_documents", "for_documents", "cut_at_documents", "offsets_tensor", "BALANCED", "LAYOUTS", "get_layout",
+    "with_window", "balance_documents", "for_documents", "cut_at_documents", "offsets_tensor", "BALANCED", "LAYOUTS", "get_layout",
     "positions", "shard", "unshard",
 ]
 
@@ -126,6 +126,12 @@ class Layout:
     def causal_blocks(self, q_rank: int, kv_rank: int, c: int, n: int) -> tuple[Block, ...]:
         """The pieces of the causal mask between two ranks' tokens, ``c`` tokens each, ``n`` ranks."""
         raise NotImplementedError
+
+    def last_step(self, world_size: int, causal: bool, local_len: int) -> int:
+        """The last ring step at which some rank has a piece to compute (step s pairs rank r with the K/V of
+        rank r - s): the K/V blocks need travel no further. World_size - 1, unless packed documents or a
+        sliding window leave the later steps empty."""
+        return world_size - 1
 
     def blocks(self, q_rank: int, kv_rank: int, local_len: int, world_size: int, causal: bool) -> tuple[Block, ...]:
         """What ``q_rank``'s queries compute against ``kv_rank``'s keys. Fully masked work is absent."""
@@ -234,10 +240,9 @@ class Packed(Layout):
     def positions(self, seq_len, rank, world_size):
         return self.inner.positions(seq_len, rank, world_size)
 
-    def last_step(self, world_size: int, causal: bool) -> int:
-        """The last ring step at which some rank has a piece to compute (step s pairs rank r with the K/V of
-        rank r - s): the K/V blocks need travel no further. World_size - 1 unless every document lies on
-        few neighbouring ranks (short documents, contiguous shares)."""
+    def last_step(self, world_size: int, causal: bool, local_len: int | None = None) -> int:
+        """As :meth:`Layout.last_step`: world_size - 1 unless every document lies on few neighbouring ranks
+        (short documents, contiguous shares). The documents give the length."""
         raise NotImplementedError
 
 
@@ -307,7 +312,7 @@ class Documents(Packed):
             else:  # the first -shift queries see none of these keys
                 yield Block(slice(qa - shift, qb), slice(ka, kb), True)
 
-    def last_step(self, world_size, causal):
+    def last_step(self, world_size, causal, local_len=None):
         if (world_size, causal) not in self._last_steps:
             self._last_steps[world_size, causal] = self._last_step(world_size, causal)
         return self._last_steps[world_size, causal]
@@ -367,7 +372,7 @@ class DocumentsPerRow(Packed):
         for _, documents in self._runs:
             documents.check(seq_len, world_size)
 
-    def last_step(self, world_size, causal):
+    def last_step(self, world_size, causal, local_len=None):
         return max(documents.last_step(world_size, causal) for _, documents in self._runs)
 
     def blocks(self, q_rank, kv_rank, local_len, world_size, causal):
@@ -430,9 +435,8 @@ class Windowed(Layout):
     def __init__(self, layout: str | Layout, window: int):
         if isinstance(layout, Windowed):
             raise ValueError("a layout takes one sliding window")
-        self.inner, self.window = get_layout(layout), int(window)
-        if self.window < 1:
-            raise ValueError(f"window must be a positive number of tokens, got {window}")
+        _check_window(window)
+        self.inner, self.window = get_layout(layout), window
         self.name = self.inner.name
         self._blocks: dict[tuple, tuple[Block, ...]] = {}
         self._last_steps: dict[tuple, int] = {}
@@ -473,7 +477,7 @@ class Windowed(Layout):
                 yield from band(slice(qa, qb), slice(ka, kb), lowest, highest, blk.rows)
 
     def last_step(self, world_size: int, causal: bool, local_len: int) -> int:
-        """The last ring step at which some rank has a piece: the K/V blocks travel no further."""
+        """The last ring step at which some rank has a windowed piece (found from the pieces)."""
         key = (world_size, local_len)
         if key not in self._last_steps:
             self._last_steps[key] = next(
@@ -484,6 +488,27 @@ class Windowed(Layout):
 
     def __repr__(self) -> str:
         return f"Windowed({self.inner!r}, window={self.window})"
+
+
+def with_window(layout: Layout, window: int | None, seq_len: int) -> Layout:
+    """``layout`` under a sliding window of ``window`` tokens; ``layout`` itself for None or a window of the
+    whole sequence (``seq_len`` tokens or more)."""
+    if window is None:
+        return layout
+    _check_window(window)
+    return layout if window >= seq_len else _windowed(layout, window)
+
+
+@functools.lru_cache(maxsize=64)
+def _windowed(layout: Layout, window: int) -> Windowed:
+    """One Windowed per (layout, window): a model's layers share the pieces cut once (layouts with documents
+    are shared per set of documents, see Documents.of)."""
+    return Windowed(layout, window)
+
+
+def _check_window(window) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of tokens, got {window!r}")
 
 
 def _arithmetic_runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from .bench import random_documents
 from .cli import UsageError, describe
-from .layouts import BALANCED, LAYOUTS, Documents, Windowed, cut_at_documents, for_documents, get_layout
+from .layouts import BALANCED, LAYOUTS, Documents, cut_at_documents, for_documents, get_layout, with_window
 from .models.llama import PRESETS, LlamaConfig
 from .ring import source_rank
 
@@ -126,8 +126,7 @@ def exact_step_pairs(layout: str, world_size: int, seq_len: int, *, cu_seqlens=N
     none), counted from the layout's pieces as the ring computes them."""
     pieces = cut_at_documents(layout, None if cu_seqlens is None else tuple(cu_seqlens), world_size)
     pieces.check(seq_len, world_size)
-    if window is not None and window < seq_len:
-        pieces = Windowed(pieces, window)
+    pieces = with_window(pieces, window, seq_len)
     c = seq_len // world_size
     return [[sum(b.pairs() for b in pieces.blocks(r, source_rank(r, step, world_size), c, world_size, True))
              for r in range(world_size)] for step in range(world_size)]

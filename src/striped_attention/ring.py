@@ -13,7 +13,6 @@ less K/V in flight, and a group's dK/dV travel home while the next group compute
 
 from __future__ import annotations
 
-import functools
 import struct
 import time
 import zlib
@@ -28,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from . import kernels, varlen
 from .layouts import (
     BALANCED, EVERY_ROW, Documents, Layout, Packed, Windowed, _rows_of_offsets, for_documents, get_layout,
-    offsets_tensor,
+    offsets_tensor, with_window,
 )
 
 __all__ = [
@@ -117,7 +116,9 @@ def _setup(q, k, layout, group, causal, softmax_scale, cu_seqlens, head_groups, 
     if cu_seqlens is not None:
         lay = _with_documents(lay, cu_seqlens, q.shape[0])
     lay.check(q.shape[2] * ring.size, ring.size)
-    lay = _with_window(lay, window, causal, q.shape[2] * ring.size)
+    if window is not None and not causal:
+        raise ValueError("a sliding window needs causal=True")
+    lay = with_window(lay, window, q.shape[2] * ring.size)
     scale = kernels.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     groups = _head_groups(head_groups, k, ring.size)
     ring.check_consistent(q, k, lay, causal, scale, groups)
@@ -133,24 +134,6 @@ def _with_documents(layout: Layout, cu_seqlens, batch: int) -> Packed:
         raise ValueError(f"layout {layout.name!r} holds other documents than cu_seqlens; pass cu_seqlens=None "
                          "with a layout made for its documents")
     return layout
-
-
-def _with_window(layout: Layout, window: int | None, causal: bool, seq_len: int) -> Layout:
-    """``layout`` under a sliding window; as it is where the window holds the whole sequence."""
-    if window is None:
-        return layout
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive number of tokens or None, got {window!r}")
-    if not causal:
-        raise ValueError("a sliding window needs causal=True")
-    return layout if window >= seq_len else _windowed(layout, window)
-
-
-@functools.lru_cache(maxsize=64)
-def _windowed(layout: Layout, window: int) -> Windowed:
-    """One Windowed per (layout, window): a model's layers share the pieces cut once (layouts with documents
-    are shared per set of documents, see Documents.of)."""
-    return Windowed(layout, window)
 
 
 GROUP_BYTES = 16 * 2**20  # by default, the K/V of one head group in flight stays about this small
@@ -483,13 +466,8 @@ def _land(dk, dv, kv_heads: slice, going_home: Transfer) -> None:
 
 def last_step(layout: Layout, world_size: int, causal: bool, local_len: int) -> int:
     """The ring's last step: N - 1, or earlier where packed documents or a sliding window leave the steps after
-    it without a piece on every rank; the K/V blocks travel no further (:meth:`layouts.Packed.last_step`,
-    :meth:`layouts.Windowed.last_step`)."""
-    if world_size == 1:
-        return 0
-    if isinstance(layout, Windowed):
-        return layout.last_step(world_size, causal, local_len)
-    return layout.last_step(world_size, causal) if isinstance(layout, Packed) else world_size - 1
+    it without a piece on every rank; the K/V blocks travel no further (:meth:`layouts.Layout.last_step`)."""
+    return 0 if world_size == 1 else layout.last_step(world_size, causal, local_len)
 
 
 def _pieces(q, layout: Layout, ring: _Ring, source: int, causal: bool, backend: str):

@@ -29,7 +29,7 @@ from .bench import (
 from .cli import UsageError, describe
 from .kernels import default_scale
 from .launch import torch_threads
-from .layouts import LAYOUTS, Windowed, cut_at_documents, for_documents, get_layout
+from .layouts import LAYOUTS, cut_at_documents, for_documents, get_layout, with_window
 from .plan import critical_path_s, ring_transfers, transfer_s
 
 __all__ = ["SimConfig", "SimResult", "simulate", "sweep"]
@@ -187,9 +187,8 @@ def _simulate(cfg: SimConfig, progress, keep_outputs: bool):
     q, k, v, dout = random_inputs(cfg, device)
     scale = default_scale(cfg.head_dim)
     cu_seqlens = random_documents(cfg.seq_len, cfg.documents, cfg.seed)
-    layouts = {name: cut_at_documents(name, cu_seqlens, cfg.world_size) for name in cfg.layouts}
-    if cfg.window is not None and cfg.window < cfg.seq_len:
-        layouts = {name: Windowed(layout, cfg.window) for name, layout in layouts.items()}
+    layouts = {name: with_window(cut_at_documents(name, cu_seqlens, cfg.world_size), cfg.window, cfg.seq_len)
+               for name in cfg.layouts}
     shards = {
         name: [
             tuple(t.index_select(2, layout.positions(cfg.seq_len, r, cfg.world_size).to(device)).contiguous()
