@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ranks import cached, error_of, full_inputs, relative_error, run_ranks, sharded_run
+from ranks import cached, document_mask, error_of, full_inputs, relative_error, run_ranks, sharded_run
 from striped_attention import LAYOUTS, balance_documents, kernels, ring_attention
 from striped_attention.layouts import Documents, Windowed, for_documents
 from striped_attention.ring import last_step
@@ -16,23 +16,18 @@ DOCUMENTS_PER_ROW = (DOCUMENTS, (0, 30, 48))
 
 
 def window_mask(seq: int, window: int, cu_seqlens=None) -> torch.Tensor:
-    """(seq, seq) bool: query i sees key j iff 0 <= i - j < window (and both are in one document)."""
+    """(seq, seq) bool, (batch, 1, seq, seq) for offsets per row: query i sees key j iff 0 <= i - j < window
+    (and both are in one document)."""
     distance = torch.arange(seq)[:, None] - torch.arange(seq)[None, :]
-    mask = (distance >= 0) & (distance < window)
-    if cu_seqlens is not None:
-        doc = torch.searchsorted(torch.tensor(cu_seqlens), torch.arange(seq), right=True)
-        mask &= doc[:, None] == doc[None, :]
-    return mask
+    causal = distance >= 0 if cu_seqlens is None else document_mask(cu_seqlens, seq, causal=True)
+    return causal & (distance < window)
 
 
 def windowed_reference(q, k, v, dout, window, cu_seqlens=None):
     """float64 attention on the whole sequence under the window (and documents: one set, or one per row):
     (out, dq, dk, dv)."""
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    if cu_seqlens is not None and isinstance(cu_seqlens[0], tuple):
-        mask = torch.stack([window_mask(q.shape[2], window, row) for row in cu_seqlens]).unsqueeze(1)
-    else:
-        mask = window_mask(q.shape[2], window, cu_seqlens)
+    mask = window_mask(q.shape[2], window, cu_seqlens)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     out.backward(dout)
     return out.detach(), q.grad, k.grad, v.grad
