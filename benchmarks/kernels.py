@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 8192 16384 32768 --heads 32 --head-dim 128
     python benchmarks/kernels.py --tokens 4096 --threads 1 2 --kv-heads 1   # CPU threads, one kv head (MQA)
     python benchmarks/kernels.py --tokens 4096 --kernels own --triangles 16 32 64 128 256 1024   # small pieces
+    python benchmarks/kernels.py --tokens 4096 --kernels own --chunks blas registers   # dense chunks, both ways
 
 Pieces: striped's causal triangle (s <= r) and its shifted, strictly causal one (s > r), zigzag's two dense
 half blocks (s < r: all queries x first half of the keys; s > r: second half of the queries x all keys).
@@ -12,7 +13,9 @@ A perfect kernel would give 0.5 for all four. Median of repeats, pieces interlea
 tokens (the pieces short packed documents give each rank), relative to a full block's, and the time of a call
 on one query and one key (what any piece costs beyond its pairs).
 Kernels: on CPU "torch" is torch's flash kernel, "own" this package's compiled one (backend "auto"); on CUDA
-torch's "flash" (FlashAttention-2), "cudnn" and "efficient" (memory-efficient) kernels.
+torch's "flash" (FlashAttention-2), "cudnn" and "efficient" (memory-efficient) kernels. --chunks: how "own"
+computes the chunks of keys a query tile sees whole, BLAS or its register blocks (by default its build's
+choice); several, interleaved in each repeat, one row each.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from striped_attention.launch import torch_threads
 from striped_attention.layouts import Block
 
 KERNELS = {"torch": "torch", "own": "auto", "flash": "flash", "cudnn": "cudnn", "efficient": "efficient"}  # -> backend
+CHUNKS = {"build": None, "blas": False, "registers": True}  # -> kernels.cpu_register_chunks
 DEFAULT = {"cpu": ["torch", "own"], "cuda": ["flash", "cudnn"]}
 
 
@@ -49,6 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="q/k/v dtype (default: %(default)s)")
     p.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU threads, each count in turn (default: 1)")
+    p.add_argument("--chunks", nargs="+", choices=list(CHUNKS), default=["build"],
+                   help="how the own kernel computes whole chunks: its build's choice, blas or registers "
+                        "(several: interleaved, a row each; default: build)")
     p.add_argument("--triangles", type=int, nargs="+", metavar="N",
                    help="time causal triangles of N tokens instead of the layouts' pieces (each N <= --tokens)")
     args = p.parse_args(argv)
@@ -67,11 +74,15 @@ def main(argv=None) -> None:
     if "own" in names and kernels.cpu_extension() is None:
         raise SystemExit("the compiled CPU kernel is unavailable here (see the warning above)")
     threads_column = thread_counts not in ([1], [None])
+    chunks_column = args.chunks != ["build"]
+    if chunks_column and names != ["own"]:
+        p.error("--chunks applies to the own kernel only: add --kernels own")
     columns = ["striped s<=r", "striped s>r", "zigzag s<r", "zigzag s>r"]
     if args.triangles:
         columns = ["one-token call us", *(f"triangle {n}" for n in args.triangles)]
-    print(f"| tokens per rank | kernel |{' threads |' * threads_column} pass | full block ms | {' | '.join(columns)} |")
-    print(f"|---:|---|{'---:|' * threads_column}---|---:|{'---:|' * len(columns)}")
+    extra = ' threads |' * threads_column + ' chunks |' * chunks_column
+    print(f"| tokens per rank | kernel |{extra} pass | full block ms | {' | '.join(columns)} |")
+    print(f"|---:|---|{'---:|' * threads_column}{'---|' * chunks_column}---|---:|{'---:|' * len(columns)}")
     runs = ((c, kernel, n) for c in args.tokens for kernel in names for n in thread_counts)
     with torch_threads(None):  # each run sets its thread count; the caller's comes back after
         for c, kernel, threads in runs:
@@ -116,26 +127,29 @@ def main(argv=None) -> None:
                                                lse[:, :, qs], causal=causal, scale=scale, backend=backend)
 
             for name, fn in (("fwd", forward), ("bwd", backward)):
-                times = {piece: [] for piece in pieces}
+                times = {(mode, piece): [] for mode in args.chunks for piece in pieces}
                 for rep in range(args.repeats + 1):
-                    for piece, spec in pieces.items():
+                    for mode, piece in times:
+                        kernels.cpu_register_chunks = CHUNKS[mode]
                         _sync(device)
                         start = time.perf_counter()
                         for _ in range(calls[piece]):
-                            fn(*spec)
+                            fn(*pieces[piece])
                         _sync(device)
                         if rep:
-                            times[piece].append((time.perf_counter() - start) / calls[piece])
-                ms = {piece: statistics.median(t) * 1e3 for piece, t in times.items()}
-                if args.triangles:  # the call in microseconds, the triangles' cost per pair relative to the full block
-                    per_pair = {piece: ms[piece] / pairs[piece] for piece in pieces}
-                    cells = [f"{ms['one-token call us'] * 1e3:.1f}"]
-                    cells += [f"{per_pair[piece] / per_pair['full']:.2f}x" for piece in list(pieces)[2:]]
-                else:
-                    cells = [f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:]]
-                ratios = " | ".join(cells)
-                threads_cell = f" {threads} |" if threads_column else ""
-                print(f"| {c} | {kernel} |{threads_cell} {name} | {ms['full']:.2f} | {ratios} |", flush=True)
+                            times[mode, piece].append((time.perf_counter() - start) / calls[piece])
+                kernels.cpu_register_chunks = None
+                for mode in args.chunks:
+                    ms = {piece: statistics.median(times[mode, piece]) * 1e3 for piece in pieces}
+                    if args.triangles:  # the call in microseconds, the triangles' cost per pair relative to the full block
+                        per_pair = {piece: ms[piece] / pairs[piece] for piece in pieces}
+                        cells = [f"{ms['one-token call us'] * 1e3:.1f}"]
+                        cells += [f"{per_pair[piece] / per_pair['full']:.2f}x" for piece in list(pieces)[2:]]
+                    else:
+                        cells = [f"{ms[piece] / ms['full']:.3f}" for piece in list(pieces)[1:]]
+                    ratios = " | ".join(cells)
+                    extra = f" {threads} |" * threads_column + f" {mode} |" * chunks_column
+                    print(f"| {c} | {kernel} |{extra} {name} | {ms['full']:.2f} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

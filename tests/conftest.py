@@ -16,3 +16,13 @@ def warm_float64_reference():
     q, k, v = (torch.randn(2, 4, 37, 24, generator=g, dtype=torch.float64) for _ in range(3))
     out, lse = kernels.reference_forward(q, k, v, causal=True, scale=0.3)
     kernels.reference_backward(torch.ones_like(q), q, k, v, out, lse, causal=True, scale=0.3)
+
+
+@pytest.fixture(params=["blas", "registers"])
+def dense_chunks(request, monkeypatch):
+    """Each way the compiled CPU kernel can compute the chunks of keys a query tile sees whole (its build picks
+    one by default): BLAS, or its register blocks."""
+    from striped_attention import kernels
+
+    monkeypatch.setattr(kernels, "cpu_register_chunks", request.param == "registers")
+    return request.param

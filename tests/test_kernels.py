@@ -56,6 +56,7 @@ def test_compiled_cpu_kernel_is_built_and_chosen_for_float32_and_float64():
      (3, 3, 70, 700, 40),  # more keys than queries (causal: top-left aligned)
      (2, 2, 640, 130, 64)],  # more queries than keys
 )
+@pytest.mark.usefixtures("dense_chunks")
 def test_compiled_cpu_kernel_across_tiles_and_on_strided_views(heads, kv_heads, q_len, k_len, d, causal):
     q, k, v = _inputs(torch.float32, heads, kv_heads, q_len, k_len, d)
     if causal and q_len > k_len:
@@ -74,6 +75,7 @@ def test_compiled_cpu_kernel_across_tiles_and_on_strided_views(heads, kv_heads, 
      (300, 600, 100),  # more keys than queries; head_dim 64 + 36 (a partial last vector)
      (520, 520, 128)],  # two chunks of 4 vectors of head_dim per strip
 )
+@pytest.mark.usefixtures("dense_chunks")
 def test_compiled_cpu_kernel_diagonal_squares(q_len, k_len, d, dtype, tol):
     """The register-blocked products on the causal diagonal, at every strip height and head_dim tail."""
     q, k, v = _inputs(dtype, 2, 1, q_len, k_len, d)
@@ -83,6 +85,7 @@ def test_compiled_cpu_kernel_diagonal_squares(q_len, k_len, d, dtype, tol):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("rise", [200.0, -200.0])
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.usefixtures("dense_chunks")
 def test_compiled_cpu_kernel_softmax_shift_follows_rising_scores(rise, causal, dtype, tol):
     """Scores that climb by `rise` along the keys (about 90 per chunk of 512, 45 across a diagonal square: more
     than float32's exp can hold) make the forward's lagging softmax shift move, and rescale the output, in every
@@ -99,6 +102,7 @@ def test_compiled_cpu_kernel_softmax_shift_follows_rising_scores(rise, causal, d
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.usefixtures("dense_chunks")
 def test_compiled_cpu_kernel_keeps_a_nan_query_in_its_own_row(dtype, causal):
     """A NaN query makes its own row NaN (the exp keeps NaN, it does not flush it to 0 or clamp it to a number)
     and leaves every other row as exact as without it."""
@@ -114,6 +118,7 @@ def test_compiled_cpu_kernel_keeps_a_nan_query_in_its_own_row(dtype, causal):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.usefixtures("dense_chunks")
 def test_compiled_cpu_kernel_on_peaked_attention(dtype, tol, causal):
     """Scores of standard deviation 30: most probabilities fall below 1e-38, where the kernel flushes denormals
     to zero. Exact all the same (float32's tolerance: its scores, of size ~100, carry rounding of ~1e-5 into
@@ -178,6 +183,7 @@ def test_kernel_build_without_openmp_then_without_kernel(monkeypatch):
      (1, 1, 1),  # 3 query tiles of unequal work (causal) in 3 parts
      (2, 3, 3)],  # more pairs than threads: one task each
 )
+@pytest.mark.usefixtures("dense_chunks")
 def test_compiled_cpu_kernel_on_several_threads(batch, heads, kv_heads, dtype, tol, causal):
     """Each thread takes the next task when done; with fewer (batch, kv head) pairs than threads, the backward
     also splits a pair's query tiles into parts, each with its own dK/dV, summed after. Exact, and with a given

@@ -125,6 +125,7 @@ BANDS = [(600, 600, True, 1), (600, 600, True, 100), (600, 600, True, 255), (600
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("band", BANDS, ids=[f"{q}x{k}-{'causal' if c else 'dense'}-w{w}" for q, k, c, w in BANDS])
+@pytest.mark.usefixtures("dense_chunks")
 def test_cpu_kernel_bands_match_the_reference(band, dtype, tol):
     q_len, k_len, causal, window = band
     g = torch.Generator().manual_seed(q_len + window)

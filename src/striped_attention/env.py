@@ -55,6 +55,7 @@ def report() -> dict:
         "own_kernel": None if extension is None else {
             "file": getattr(extension, "__file__", None),
             "threads": "torch's intra-op threads" if extension.intra_op_parallel else "one (built without OpenMP)",
+            "dense_chunks": "register blocks" if extension.register_chunks else "BLAS",
         },
         "auto_kernels": auto_kernels(torch.device("cpu")),
     }
@@ -96,7 +97,7 @@ def _print(info: dict) -> None:
         f"platform: {info['platform']}",
         f"CPU: {cpu['capability']} vector unit, {cpu['threads']} torch thread(s), BLAS {cpu['blas']}",
         "CPU kernel: not built, torch CPU flash used instead (see the warning above)" if own is None else
-        f"CPU kernel: {own['file']}; computes on {own['threads']}",
+        f"CPU kernel: {own['file']}; computes on {own['threads']}; dense chunks by {own['dense_chunks']}",
         "CPU blocks (head_dim 128): " + ", ".join(f"{k} -> {v}" for k, v in cpu["auto_kernels"].items()),
     ]
     for index, gpu in enumerate(info["gpus"]):

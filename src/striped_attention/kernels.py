@@ -166,13 +166,20 @@ def cpu_extension():
     return _extension[0]
 
 
+# How the compiled CPU kernel computes the chunks of keys every query of a tile sees whole: None, its build's
+# choice (register blocks in the AVX2 build, where they beat torch's MKL; BLAS elsewhere); True (register
+# blocks) or False (BLAS) to override it. benchmarks/kernels.py --chunks compares the two.
+cpu_register_chunks: bool | None = None
+
+
 def _own_cpu_forward_(out, lse, q, k, v, causal, scale, window=None):
     """Fold the block into the sums (out, lse) in place: the kernel's online softmax is the merge."""
-    cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale, window)
+    cpu_extension().forward_(*_unit_stride(q, k, v), out, lse, causal, scale, window, cpu_register_chunks)
 
 
 def _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale, window=None):
-    cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale, window)
+    cpu_extension().backward_(*_unit_stride(dout, q, k, v, out), lse, dq, dk, dv, causal, scale, window,
+                              cpu_register_chunks)
 
 
 def _own_cpu_forward(q, k, v, causal, scale, window=None):

@@ -5,13 +5,14 @@
 // aligned: query i sees keys 0..i. A window (sliding windows, the bands of a layout's pieces) also keeps query i
 // to the keys j > i - window.
 //
-// Tiled like torch's CPU flash kernel: 256 queries at a time, against 512 keys at a time, BLAS for the
-// products, an online softmax in between. Under a causal mask a query tile [m, m + 256) sees the keys before m
-// whole (dense chunks, BLAS) and a triangle of the 256 keys from m on: the diagonal square. That square is where
-// causal blocks lose time - torch's kernel computes it whole, twice its work - and a striped ring has one in
-// every step's block, where zigzag has dense rectangles. Here register-blocked products compute it strip by
-// strip, each strip only as far as its last row sees: half the square's work, at 1.1-1.35x the dense chunks'
-// time per pair, so a causal block costs 0.50-0.55 of a full one (benchmarks/kernels.py measures it).
+// Tiled like torch's CPU flash kernel: 256 queries at a time, against 512 keys at a time, an online softmax
+// between the products. Under a causal mask a query tile [m, m + 256) sees the keys before m whole (dense
+// chunks) and a triangle of the 256 keys from m on: the diagonal square. That square is where causal blocks
+// lose time - torch's kernel computes it whole, twice its work - and a striped ring has one in every step's
+// block, where zigzag has dense rectangles. Here register-blocked products compute it strip by strip, each strip
+// only as far as its last row sees: half the square's work, so a causal block costs 0.50-0.51 of a full one
+// (benchmarks/kernels.py measures it). The dense chunks go to BLAS, or, in the AVX2 build, where they are faster
+// than torch's MKL, to the same register blocks (kRegisterChunks).
 //
 // Threads: torch's intra-op threads (torch.set_num_threads) take the forward's (batch, head, query tile) tasks
 // one at a time; the backward's task is a (batch, kv head) pair, cut into parts of equal work with spare dK/dV
@@ -166,12 +167,13 @@ T dot_in_double(const T* a, const T* b, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The tile on the causal diagonal. Query tile rows [m, m + qb) against keys [m, m + kw): row i sees keys
-// 0..i of it. BLAS would compute the whole square (twice the work) or thin slices of it (slow shapes), so
-// these register-blocked products compute it strip by strip, each strip only as far as its last row sees:
-// about half the square's work, at 1.1-1.35x BLAS's time per pair. Rows of P (and dS) are kept valid - true
-// value or zero - up to kPad keys past the row's last visible key, so strips of up to kPad + 1 rows may read
-// them whole.
+// Staircases: query tile rows [m, m + qb) against keys [n, n + kw), row i seeing the first min(before + i + 1, kw)
+// of them. The square on the causal diagonal is one (n = m, before = 0): BLAS would compute the whole square
+// (twice the work) or thin slices of it (slow shapes), so these register-blocked products compute it strip by
+// strip, each strip only as far as its last row sees: about half the square's work. A chunk every row sees
+// whole is one too (before = kw), computed by them where they beat BLAS (kRegisterChunks). Rows of P (and dS)
+// are kept valid - true value or zero - up to kPad keys past the row's last visible key, so strips of up to
+// kPad + 1 rows may read them whole.
 // ---------------------------------------------------------------------------------------------------------
 
 // Register blocks: a score strip holds kScoreRows x kPanel accumulators, an accumulating strip kStripRows x
@@ -183,6 +185,16 @@ constexpr int kScoreRows = 8, kPanel = 2, kStripRows = 6, kStripVectors = 4;
 constexpr int kScoreRows = 6, kPanel = 2, kStripRows = 4, kStripVectors = 3;
 #endif
 constexpr int64_t kPad = kStripRows - 1;
+
+// The chunks every row sees whole go, by default, to the register blocks where they beat BLAS (torch's MKL): in
+// the AVX2 build (an AMD EPYC: a full 4,096 x 4,096 block's forward 1.17x and backward 1.10x faster; README).
+// With AVX-512 MKL is the faster (an Intel Xeon: the blocks took 1.1-1.35x its time per pair); other builds
+// keep BLAS too. A call may choose either (register_chunks), which benchmarks/kernels.py --chunks compares.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kRegisterChunks = true;
+#else
+constexpr bool kRegisterChunks = false;
+#endif
 
 template <typename T>
 int64_t round_up(int64_t x) {
@@ -291,47 +303,47 @@ void strip_accumulate(const T* p, int64_t ldp, int64_t ldj, const T* x, int64_t 
   }
 }
 
-// s (qb x lds) <- scale * a b^T on the diagonal: row i of a (qb rows) against rows [0, min(i + 1, kw)) of b,
-// computed at least that far (whole vectors). bt: scratch of panel_size(D, kw).
+// s (qb x lds) <- scale * a b^T on a staircase: row i of a (qb rows) against rows [0, min(before + i + 1, kw))
+// of b, computed at least that far (whole vectors). bt: scratch of panel_size(D, kw).
 template <typename T>
-void diagonal_scores(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t qb, int64_t kw, int64_t D, T scale,
-                     T* s, int64_t lds, T* bt) {
+void staircase_scores(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t qb, int64_t before, int64_t kw,
+                      int64_t D, T scale, T* s, int64_t lds, T* bt) {
   pack_panels(b, ldb, kw, D, bt);
   for (int64_t r0 = 0; r0 < qb; r0 += kScoreRows) {
-    const int64_t rows = std::min<int64_t>(kScoreRows, qb - r0), w = round_up<T>(std::min(kw, r0 + rows));
+    const int64_t rows = std::min<int64_t>(kScoreRows, qb - r0), w = round_up<T>(std::min(kw, before + r0 + rows));
     with_constant<kScoreRows>(rows, [&](auto R) {
       strip_scores<T, R>(a + r0 * lda, lda, bt, D, w, scale, s + r0 * lds, lds);
     });
   }
 }
 
-// out[i] += sum_j p[i][j] x[j] on the diagonal (row i of p is valid up to min(i + 1 + kPad, kw) keys).
+// out[i] += sum_j p[i][j] x[j] on a staircase (row i of p is valid up to staircase_valid(i, before, kw) keys).
 template <typename T>
-void diagonal_rows_times(const T* p, int64_t ldp, const T* x, int64_t ldx, int64_t qb, int64_t kw, int64_t D, T* out,
-                         int64_t ldo) {
+void staircase_rows_times(const T* p, int64_t ldp, const T* x, int64_t ldx, int64_t qb, int64_t before, int64_t kw,
+                          int64_t D, T* out, int64_t ldo) {
   for (int64_t r0 = 0; r0 < qb; r0 += kStripRows) {
-    const int64_t rows = std::min<int64_t>(kStripRows, qb - r0), count = std::min(kw, r0 + rows);
+    const int64_t rows = std::min<int64_t>(kStripRows, qb - r0), count = std::min(kw, before + r0 + rows);
     with_constant<kStripRows>(rows, [&](auto R) {
       strip_accumulate<T, R>(p + r0 * ldp, ldp, 1, x, ldx, count, D, out + r0 * ldo, ldo);
     });
   }
 }
 
-// out[j] += sum_i p[i][j] x[i] on the diagonal: key j gets rows i >= j.
+// out[j] += sum_i p[i][j] x[i] on a staircase: key j gets rows i >= j - before.
 template <typename T>
-void diagonal_transposed_times(const T* p, int64_t ldp, const T* x, int64_t ldx, int64_t qb, int64_t kw, int64_t D,
-                               T* out, int64_t ldo) {
+void staircase_transposed_times(const T* p, int64_t ldp, const T* x, int64_t ldx, int64_t qb, int64_t before,
+                                int64_t kw, int64_t D, T* out, int64_t ldo) {
   for (int64_t j0 = 0; j0 < kw; j0 += kStripRows) {
-    const int64_t keys = std::min<int64_t>(kStripRows, kw - j0);
+    const int64_t keys = std::min<int64_t>(kStripRows, kw - j0), r = std::clamp<int64_t>(j0 - before, 0, qb);
     with_constant<kStripRows>(keys, [&](auto R) {
-      strip_accumulate<T, R>(p + j0 * ldp + j0, 1, ldp, x + j0 * ldx, ldx, qb - j0, D, out + j0 * ldo, ldo);
+      strip_accumulate<T, R>(p + r * ldp + j0, 1, ldp, x + r * ldx, ldx, qb - r, D, out + j0 * ldo, ldo);
     });
   }
 }
 
-// The keys of the causal diagonal row i sees, and how far its row of P is kept valid.
-inline int64_t diagonal_len(int64_t i, int64_t kw) { return std::min(i + 1, kw); }
-inline int64_t diagonal_valid(int64_t i, int64_t kw) { return std::min(i + 1 + kPad, kw); }
+// The keys of a staircase row i sees, and how far its row of P is kept valid.
+inline int64_t staircase_len(int64_t i, int64_t before, int64_t kw) { return std::min(before + i + 1, kw); }
+inline int64_t staircase_valid(int64_t i, int64_t before, int64_t kw) { return std::min(before + i + 1 + kPad, kw); }
 
 template <typename T>
 struct Strided {  // a (B, H, len, D) operand with unit stride along D, or a (B, H, len) one
@@ -392,7 +404,7 @@ class TaskQueue {
   std::atomic<int64_t> next_{0};
 };
 
-// The elements of the panels diagonal_scores packs kw keys into (kw rounded up to whole panels, times D).
+// The elements of the panels staircase_scores packs kw keys into (kw rounded up to whole panels, times D).
 template <typename T>
 int64_t panel_size(int64_t D, int64_t kw) {
   return D * (round_up<T>(kw) + kPanel * Vec<T>::size());
@@ -417,36 +429,41 @@ inline int64_t diagonal_keys(bool causal, int64_t m, int64_t qb, int64_t S) {
   return causal ? std::clamp<int64_t>(S - m, 0, qb) : 0;
 }
 
-// The work of the query tile [m, m + qb): chunk(n, kb, first, end) for each chunk [n, n + kb) of the keys
-// before the causal diagonal, then diagonal_square(kw, end, valid) for the square on it, if any. first(i) and
-// end(i): the keys [first, end) of the piece row i sees (every key of a chunk all rows see whole, the usual
-// case); valid(i): how far its row of scores must be kept valid (zeros after end). A window that cuts into
-// the square leaves none: the tile's keys go by chunks, each row's own range of each.
-template <typename Chunk, typename Diagonal>
-void for_each_piece(const Band& band, int64_t m, int64_t qb, Chunk&& chunk, Diagonal&& diagonal_square) {
+// The work of the query tile [m, m + qb), piece by piece, each on at most kKeyTile keys:
+// - chunk(n, kb, first, end): BLAS products on the keys [n, n + kb), of which row i sees [first(i), end(i));
+// - staircase(n, before, kw, len, valid): register-blocked products on the keys [n, n + kw), of which row i sees
+//   the first len(i) = min(before + i + 1, kw); valid(i): how far its row of scores is kept valid (zeros after).
+// The keys before the causal diagonal go by chunks (staircases with before = kw where register_chunks and every
+// row sees the chunk whole, the usual case), then the square on the diagonal is a staircase with before = 0.
+// A window that cuts into the square leaves none: the tile's keys go by chunks, each row's own range of each.
+template <typename Chunk, typename Staircase>
+void for_each_piece(const Band& band, bool register_chunks, int64_t m, int64_t qb, Chunk&& chunk,
+                    Staircase&& staircase) {
   const int64_t S = band.S, last = m + qb - 1;
   const bool square = band.causal && band.first(last) <= m;
   const int64_t from = band.first(m), to = square ? dense_keys(true, m, S) : band.end(last);
   const int64_t whole_from = band.first(last), whole_to = band.end(m);  // the keys every row of the tile sees
+  auto stairs = [&staircase](int64_t n, int64_t before, int64_t kw) {
+    staircase(n, before, kw, [before, kw](int64_t i) { return staircase_len(i, before, kw); },
+              [before, kw](int64_t i) { return staircase_valid(i, before, kw); });
+  };
   for (int64_t n = from; n < to; n += kKeyTile) {
     const int64_t kb = std::min(kKeyTile, to - n);
     if (n >= whole_from && n + kb <= whole_to) {
-      chunk(n, kb, [](int64_t) { return int64_t(0); }, [kb](int64_t) { return kb; });
+      if (register_chunks) stairs(n, kb, kb);
+      else chunk(n, kb, [](int64_t) { return int64_t(0); }, [kb](int64_t) { return kb; });
     } else {
       chunk(n, kb, [&band, m, n, kb](int64_t i) { return std::clamp<int64_t>(band.first(m + i) - n, 0, kb); },
             [&band, m, n, kb](int64_t i) { return std::clamp<int64_t>(band.end(m + i) - n, 0, kb); });
     }
   }
   const int64_t kw = square ? diagonal_keys(true, m, qb, S) : 0;
-  if (kw > 0) {
-    diagonal_square(kw, [kw](int64_t i) { return diagonal_len(i, kw); },
-                    [kw](int64_t i) { return diagonal_valid(i, kw); });
-  }
+  if (kw > 0) stairs(m, 0, kw);
 }
 
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& lse, const Band& band, double scale_) {
+                  const at::Tensor& lse, const Band& band, bool register_chunks, double scale_) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   const int64_t group = H / k.size(1), tiles = query_tiles(L);
   const int64_t ld = round_up<T>(std::min(kKeyTile, S));  // score rows; the diagonal is narrower (kQueryTile)
@@ -456,7 +473,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TaskQueue queue(B * H * tiles);
   at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
     const FlushDenormals ftz;
-    Scratch<T> scores(std::min(kQueryTile, L) * ld), packed(panel_size<T>(D, std::min(kQueryTile, S)));
+    Scratch<T> scores(std::min(kQueryTile, L) * ld), packed(panel_size<T>(D, std::min(kKeyTile, S)));
     std::vector<T> shift(kQueryTile), row_sum(kQueryTile);
     for (int64_t task; queue.take(task);) {
       const int64_t t = task % tiles, bh = task / tiles, b = bh / H, h = bh % H, hk = h / group;
@@ -497,13 +514,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         fold(first, end, [kb](int64_t) { return kb; });
         gemm('N', 'N', D, qb, kb, T(1), V.at(b, hk, n), V.row, scores.data(), ld, T(1), o, O.row);
       };
-      auto diagonal_square = [&](int64_t kw, auto len, auto valid) {
-        diagonal_scores(Q.at(b, h, m), Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, scores.data(), ld,
-                        packed.data());
+      auto staircase = [&](int64_t n, int64_t before, int64_t kw, auto len, auto valid) {
+        staircase_scores(Q.at(b, h, m), Q.row, K.at(b, hk, n), K.row, qb, before, kw, D, scale, scores.data(), ld,
+                         packed.data());
         fold([](int64_t) { return int64_t(0); }, len, valid);
-        diagonal_rows_times(scores.data(), ld, V.at(b, hk, m), V.row, qb, kw, D, o, O.row);
+        staircase_rows_times(scores.data(), ld, V.at(b, hk, n), V.row, qb, before, kw, D, o, O.row);
       };
-      for_each_piece(band, m, qb, dense_chunk, diagonal_square);
+      for_each_piece(band, register_chunks, m, qb, dense_chunk, staircase);
       for (int64_t i = 0; i < qb; ++i) {
         if (row_sum[i] == T(0)) continue;  // no key seen, before or now
         const T inv = T(1) / row_sum[i];
@@ -539,7 +556,7 @@ inline std::vector<int64_t> cut_by_work(const Band& band, int64_t L, int64_t til
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv, const Band& band, double scale_) {
+                   const at::Tensor& dv, const Band& band, bool register_chunks, double scale_) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   const int64_t group = H / Hkv, ld = round_up<T>(std::min(kKeyTile, S));
   const T scale = static_cast<T>(scale_);
@@ -562,7 +579,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
     const FlushDenormals ftz;
     const int64_t tile = std::min(kQueryTile, L) * ld;  // small blocks, small buffers
-    Scratch<T> p_buf(tile), ds_buf(tile), packed(panel_size<T>(D, std::min(kQueryTile, S)));
+    Scratch<T> p_buf(tile), ds_buf(tile), packed(panel_size<T>(D, std::min(kKeyTile, S)));
     std::vector<T> delta(kQueryTile);
     T *p = p_buf.data(), *ds = ds_buf.data();
     for (int64_t task; queue.take(task);) {
@@ -607,15 +624,15 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           gemm('N', 'N', D, qb, kb, T(1), K.at(b, hk, n), K.row, ds, ld, T(1), dq_rows, dQ.row);
           gemm('N', 'T', D, kb, qb, T(1), q_rows, Q.row, ds, ld, T(1), dk_h + n * ldk, ldk);
         };
-        auto diagonal_square = [&](int64_t kw, auto len, auto valid) {  // the same five products
-          diagonal_scores(q_rows, Q.row, K.at(b, hk, m), K.row, qb, kw, D, scale, p, ld, packed.data());
-          diagonal_scores(do_rows, dO.row, V.at(b, hk, m), V.row, qb, kw, D, T(1), ds, ld, packed.data());
+        auto staircase = [&](int64_t n, int64_t before, int64_t kw, auto len, auto valid) {  // the same products
+          staircase_scores(q_rows, Q.row, K.at(b, hk, n), K.row, qb, before, kw, D, scale, p, ld, packed.data());
+          staircase_scores(do_rows, dO.row, V.at(b, hk, n), V.row, qb, before, kw, D, T(1), ds, ld, packed.data());
           gradients([](int64_t) { return int64_t(0); }, len, valid);
-          diagonal_transposed_times(p, ld, do_rows, dO.row, qb, kw, D, dv_h + m * ldv, ldv);
-          diagonal_rows_times(ds, ld, K.at(b, hk, m), K.row, qb, kw, D, dq_rows, dQ.row);
-          diagonal_transposed_times(ds, ld, q_rows, Q.row, qb, kw, D, dk_h + m * ldk, ldk);
+          staircase_transposed_times(p, ld, do_rows, dO.row, qb, before, kw, D, dv_h + n * ldv, ldv);
+          staircase_rows_times(ds, ld, K.at(b, hk, n), K.row, qb, before, kw, D, dq_rows, dQ.row);
+          staircase_transposed_times(ds, ld, q_rows, Q.row, qb, before, kw, D, dk_h + n * ldk, ldk);
         };
-        for_each_piece(band, m, qb, dense_chunk, diagonal_square);
+        for_each_piece(band, register_chunks, m, qb, dense_chunk, staircase);
       }
     }
   });
@@ -648,11 +665,13 @@ Band band_of(bool causal, std::optional<int64_t> window, int64_t S) {
 // is the kernel's own online softmax. A query that sees no key of k keeps its sums. Query i sees key j iff
 // j <= i (causal) and i - j < window (a window given).
 void flash_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                    const at::Tensor& lse, bool causal, double scale_, std::optional<int64_t> window) {
+                    const at::Tensor& lse, bool causal, double scale_, std::optional<int64_t> window,
+                    std::optional<bool> register_chunks) {
   check_qkv(q, k, v);
   check(out, "out", q.sizes(), q.scalar_type()), check(lse, "lse", q.sizes().slice(0, 3), q.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_forward_", [&] {
-    forward_impl<scalar_t>(q, k, v, out, lse, band_of(causal, window, k.size(2)), scale_);
+    forward_impl<scalar_t>(q, k, v, out, lse, band_of(causal, window, k.size(2)),
+                           register_chunks.value_or(kRegisterChunks), scale_);
   });
 }
 
@@ -660,23 +679,28 @@ void flash_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // gradient and the *final* out and lse of these queries (over every key, not only k's).
 void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                     const at::Tensor& dv, bool causal, double scale_, std::optional<int64_t> window) {
+                     const at::Tensor& dv, bool causal, double scale_, std::optional<int64_t> window,
+                     std::optional<bool> register_chunks) {
   check_qkv(q, k, v);
   const auto dtype = q.scalar_type();
   check(dout, "dout", q.sizes(), dtype), check(out, "out", q.sizes(), dtype);
   check(lse, "lse", q.sizes().slice(0, 3), dtype);
   check(dq, "dq", q.sizes(), dtype), check(dk, "dk", k.sizes(), dtype), check(dv, "dv", k.sizes(), dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "flash_backward_", [&] {
-    backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, band_of(causal, window, k.size(2)), scale_);
+    backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, band_of(causal, window, k.size(2)),
+                            register_chunks.value_or(kRegisterChunks), scale_);
   });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_", &flash_forward_, "fold a block into the running (out, lse), in place", py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none());
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none(),
+        py::arg("register_chunks") = py::none());
   m.def("backward_", &flash_backward_, "add a block's gradients into (dq, dk, dv), in place", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
-        py::arg("dv"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none());
+        py::arg("dv"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none(),
+        py::arg("register_chunks") = py::none());
+  m.attr("register_chunks") = kRegisterChunks;  // the build's choice for the chunks every row sees whole
 #ifdef INTRA_OP_PARALLEL
   m.attr("intra_op_parallel") = true;  // tasks run on torch's intra-op (OpenMP) threads
 #else
