@@ -267,9 +267,9 @@ void strip_chunk(const T* p, int64_t ldp, int64_t ldj, const T* x, int64_t ldx, 
   auto load = [tail](const T* ptr, int c) {
     return Whole || c + 1 < NV ? Vec<T>::loadu(ptr) : Vec<T>::loadu(ptr, tail);
   };
-  Vec<T> acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = load(out + r * ldo + c * W, c);
+  Vec<T> acc[R][NV];  // the chunk's own sums, added to out at the end (as BLAS does): a long chunk's small
+  for (int r = 0; r < R; ++r)  // terms, added one by one to out's large running sums, would lose their bits
+    for (int c = 0; c < NV; ++c) acc[r][c] = Vec<T>(T(0));
   for (int64_t j = 0; j < count; ++j) {
     Vec<T> xs[NV];
     for (int c = 0; c < NV; ++c) xs[c] = load(x + j * ldx + c * W, c);
@@ -280,8 +280,9 @@ void strip_chunk(const T* p, int64_t ldp, int64_t ldj, const T* x, int64_t ldx, 
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) {
-      if (Whole || c + 1 < NV) acc[r][c].store(out + r * ldo + c * W);
-      else acc[r][c].store(out + r * ldo + c * W, tail);
+      const Vec<T> sum = load(out + r * ldo + c * W, c) + acc[r][c];
+      if (Whole || c + 1 < NV) sum.store(out + r * ldo + c * W);
+      else sum.store(out + r * ldo + c * W, tail);
     }
 }
 
