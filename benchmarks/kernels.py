@@ -84,6 +84,7 @@ def main(argv=None) -> None:
     print(f"| tokens per rank | kernel |{extra} pass | full block ms | {' | '.join(columns)} |")
     print(f"|---:|---|{'---:|' * threads_column}{'---|' * chunks_column}---|---:|{'---:|' * len(columns)}")
     runs = ((c, kernel, n) for c in args.tokens for kernel in names for n in thread_counts)
+    chosen = kernels.cpu_register_chunks  # --chunks sets it for each variant; this comes back after each pass
     with torch_threads(None):  # each run sets its thread count; the caller's comes back after
         for c, kernel, threads in runs:
             backend = KERNELS[kernel]
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
                         _sync(device)
                         if rep:
                             times[mode, piece].append((time.perf_counter() - start) / calls[piece])
-                kernels.cpu_register_chunks = None
+                kernels.cpu_register_chunks = chosen
                 for mode in args.chunks:
                     ms = {piece: statistics.median(times[mode, piece]) * 1e3 for piece in pieces}
                     if args.triangles:  # the call in microseconds, the triangles' cost per pair relative to the full block

@@ -188,8 +188,8 @@ constexpr int64_t kPad = kStripRows - 1;
 
 // The chunks every row sees whole go, by default, to the register blocks where they beat BLAS (torch's MKL): in
 // the AVX2 build (an AMD EPYC: a full 4,096 x 4,096 block's forward 1.17x and backward 1.10x faster; README).
-// With AVX-512 MKL is the faster (an Intel Xeon: the blocks took 1.1-1.35x its time per pair); other builds
-// keep BLAS too. A call may choose either (register_chunks), which benchmarks/kernels.py --chunks compares.
+// With AVX-512 MKL is taken to be the faster (on an Intel Xeon the blocks took 1.1-1.35x its time per pair on
+// the diagonal squares; whole chunks were not measured there); other builds keep BLAS too. A call may choose either (register_chunks), which benchmarks/kernels.py --chunks compares.
 #if defined(CPU_CAPABILITY_AVX2)
 constexpr bool kRegisterChunks = true;
 #else
@@ -510,7 +510,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           std::fill(row + a + n, row + valid(i), T(0));
         }
       };
-      auto dense_chunk = [&](int64_t n, int64_t kb, auto first, auto end) {
+      auto blas_chunk = [&](int64_t n, int64_t kb, auto first, auto end) {
         gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, Q.at(b, h, m), Q.row, T(0), scores.data(), ld);
         fold(first, end, [kb](int64_t) { return kb; });
         gemm('N', 'N', D, qb, kb, T(1), V.at(b, hk, n), V.row, scores.data(), ld, T(1), o, O.row);
@@ -521,7 +521,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         fold([](int64_t) { return int64_t(0); }, len, valid);
         staircase_rows_times(scores.data(), ld, V.at(b, hk, n), V.row, qb, before, kw, D, o, O.row);
       };
-      for_each_piece(band, register_chunks, m, qb, dense_chunk, staircase);
+      for_each_piece(band, register_chunks, m, qb, blas_chunk, staircase);
       for (int64_t i = 0; i < qb; ++i) {
         if (row_sum[i] == T(0)) continue;  // no key seen, before or now
         const T inv = T(1) / row_sum[i];
@@ -616,7 +616,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             std::fill(dsr + n, ds + i * ld + valid(i), T(0));
           }
         };
-        auto dense_chunk = [&](int64_t n, int64_t kb, auto first, auto end) {
+        auto blas_chunk = [&](int64_t n, int64_t kb, auto first, auto end) {
           gemm('T', 'N', kb, qb, D, scale, K.at(b, hk, n), K.row, q_rows, Q.row, T(0), p, ld);  // scores
           gemm('T', 'N', kb, qb, D, T(1), V.at(b, hk, n), V.row, do_rows, dO.row, T(0), ds, ld);  // dO V^T
           gradients(first, end, [kb](int64_t) { return kb; });
@@ -633,7 +633,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           staircase_rows_times(ds, ld, K.at(b, hk, n), K.row, qb, before, kw, D, dq_rows, dQ.row);
           staircase_transposed_times(ds, ld, q_rows, Q.row, qb, before, kw, D, dk_h + n * ldk, ldk);
         };
-        for_each_piece(band, register_chunks, m, qb, dense_chunk, staircase);
+        for_each_piece(band, register_chunks, m, qb, blas_chunk, staircase);
       }
     }
   });
