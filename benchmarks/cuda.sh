@@ -15,7 +15,9 @@
 #   7. `simulate` with 64 packed documents (small pieces: one varlen call per step, and with --backend cudnn a call
 #      per piece) and with 8: 8 virtual ranks, every layout and balanced, forward and forward+backward;
 #   8. `train` on one rank eager, under torch.compile, eager again, and with activation checkpointing (tokens/s,
-#      peak memory).
+#      peak memory);
+#   9. the CPU kernel on this host's CPU: its tests, and its dense chunks by BLAS against its register blocks
+#      (benchmarks/kernels.py --chunks), in the host's own build and in the AVX2 build (ATen and MKL held to AVX2).
 # Each step has its own time limit and log; a failed step does not stop the others. The summary is last.
 # STEPS="tests kernels" runs only the steps named.
 set -u
@@ -37,6 +39,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.txt, remember th
     status+=("$name rc=$rc $((SECONDS - start))s")
 }
 
+lscpu | grep -E '^(Model name|CPU\(s\))' | tee "$out/cpu.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
     | tee -a "$out/gpu.txt"
@@ -69,6 +72,11 @@ step train-eager 90 "${train[@]}"
 step train-compile 200 "${train[@]}" --compile
 step train-eager-again 90 "${train[@]}"
 step train-checkpointed 90 "${train[@]}" --activation-checkpointing
+
+cpu_chunks=($py benchmarks/kernels.py --tokens 4096 --kernels own --chunks blas registers --repeats 5)
+step cpu-kernels 240 $py -m pytest --tb=short -p no:cacheprovider tests/test_kernels.py
+step cpu-chunks 150 "${cpu_chunks[@]}"
+step cpu-chunks-avx2 150 env ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 "${cpu_chunks[@]}"
 
 echo "== summary"
 printf '%s\n' "${status[@]}" | tee "$out/summary.txt"

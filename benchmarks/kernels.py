@@ -14,8 +14,8 @@ tokens (the pieces short packed documents give each rank), relative to a full bl
 on one query and one key (what any piece costs beyond its pairs).
 Kernels: on CPU "torch" is torch's flash kernel, "own" this package's compiled one (backend "auto"); on CUDA
 torch's "flash" (FlashAttention-2), "cudnn" and "efficient" (memory-efficient) kernels. --chunks: how "own"
-computes the chunks of keys a query tile sees whole, BLAS or its register blocks (by default its build's
-choice); several, interleaved in each repeat, one row each.
+computes the chunks of keys a query tile sees whole, BLAS or its register blocks (by default the kernel's
+choice for this processor); several, interleaved in each repeat, one row each.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from striped_attention.launch import torch_threads
 from striped_attention.layouts import Block
 
 KERNELS = {"torch": "torch", "own": "auto", "flash": "flash", "cudnn": "cudnn", "efficient": "efficient"}  # -> backend
-CHUNKS = {"build": None, "blas": False, "registers": True}  # -> kernels.cpu_register_chunks
+CHUNKS = {"default": None, "blas": False, "registers": True}  # -> kernels.cpu_register_chunks
 DEFAULT = {"cpu": ["torch", "own"], "cuda": ["flash", "cudnn"]}
 
 
@@ -53,9 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="q/k/v dtype (default: %(default)s)")
     p.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU threads, each count in turn (default: 1)")
-    p.add_argument("--chunks", nargs="+", choices=list(CHUNKS), default=["build"],
-                   help="how the own kernel computes whole chunks: its build's choice, blas or registers "
-                        "(several: interleaved, a row each; default: build)")
+    p.add_argument("--chunks", nargs="+", choices=list(CHUNKS), default=["default"],
+                   help="how the own kernel computes whole chunks: its choice for this processor (default), "
+                        "blas or registers (several: interleaved, a row each)")
     p.add_argument("--triangles", type=int, nargs="+", metavar="N",
                    help="time causal triangles of N tokens instead of the layouts' pieces (each N <= --tokens)")
     args = p.parse_args(argv)
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     if "own" in names and kernels.cpu_extension() is None:
         raise SystemExit("the compiled CPU kernel is unavailable here (see the warning above)")
     threads_column = thread_counts not in ([1], [None])
-    chunks_column = args.chunks != ["build"]
+    chunks_column = args.chunks != ["default"]
     if chunks_column and names != ["own"]:
         p.error("--chunks applies to the own kernel only: add --kernels own")
     columns = ["striped s<=r", "striped s>r", "zigzag s<r", "zigzag s>r"]

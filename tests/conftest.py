@@ -20,8 +20,8 @@ def warm_float64_reference():
 
 @pytest.fixture(params=["blas", "registers"])
 def dense_chunks(request, monkeypatch):
-    """Each way the compiled CPU kernel can compute the chunks of keys a query tile sees whole (its build picks
-    one by default): BLAS, or its register blocks."""
+    """Each way the compiled CPU kernel can compute the chunks of keys a query tile sees whole (the processor
+    picks one by default): BLAS, or its register blocks."""
     from striped_attention import kernels
 
     monkeypatch.setattr(kernels, "cpu_register_chunks", request.param == "registers")

@@ -49,6 +49,18 @@ def test_compiled_cpu_kernel_is_built_and_chosen_for_float32_and_float64():
     assert kernels._select(q.bfloat16(), "auto") == (kernels._cpu_forward, kernels._cpu_backward)
 
 
+def test_compiled_cpu_kernel_takes_register_chunks_on_amd_processors_only():
+    """By default whole chunks go to the register blocks on AMD processors (they beat torch's MKL there) and to
+    BLAS on every other (on an Intel Xeon MKL was the faster)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            vendor = next(line.split(":")[1].strip() for line in cpuinfo if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        pytest.skip("no processor vendor in /proc/cpuinfo")
+    vectorized = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert kernels.cpu_extension().register_chunks == (vectorized and vendor == "AuthenticAMD")
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
     "heads, kv_heads, q_len, k_len, d",

@@ -167,8 +167,8 @@ def cpu_extension():
 
 
 # How the compiled CPU kernel computes the chunks of keys every query of a tile sees whole: None, its build's
-# choice (register blocks in the AVX2 build, where they beat torch's MKL; BLAS elsewhere); True (register
-# blocks) or False (BLAS) to override it. benchmarks/kernels.py --chunks compares the two.
+# choice for this processor (register blocks on AMD's, where they beat torch's MKL; BLAS elsewhere); True
+# (register blocks) or False (BLAS) to override it. benchmarks/kernels.py --chunks compares the two.
 cpu_register_chunks: bool | None = None
 
 

@@ -11,8 +11,8 @@
 // lose time - torch's kernel computes it whole, twice its work - and a striped ring has one in every step's
 // block, where zigzag has dense rectangles. Here register-blocked products compute it strip by strip, each strip
 // only as far as its last row sees: half the square's work, so a causal block costs 0.50-0.51 of a full one
-// (benchmarks/kernels.py measures it). The dense chunks go to BLAS, or, in the AVX2 build, where they are faster
-// than torch's MKL, to the same register blocks (kRegisterChunks).
+// (benchmarks/kernels.py measures it). The dense chunks go to BLAS, or, on AMD processors, where they are faster
+// than torch's MKL, to the same register blocks (register_chunks_by_default).
 //
 // Threads: torch's intra-op threads (torch.set_num_threads) take the forward's (batch, head, query tile) tasks
 // one at a time; the backward's task is a (batch, kv head) pair, cut into parts of equal work with spare dK/dV
@@ -171,9 +171,9 @@ T dot_in_double(const T* a, const T* b, int64_t n) {
 // of them. The square on the causal diagonal is one (n = m, before = 0): BLAS would compute the whole square
 // (twice the work) or thin slices of it (slow shapes), so these register-blocked products compute it strip by
 // strip, each strip only as far as its last row sees: about half the square's work. A chunk every row sees
-// whole is one too (before = kw), computed by them where they beat BLAS (kRegisterChunks). Rows of P (and dS)
-// are kept valid - true value or zero - up to kPad keys past the row's last visible key, so strips of up to
-// kPad + 1 rows may read them whole.
+// whole is one too (before = kw), computed by them where they beat BLAS (register_chunks_by_default). Rows of P
+// (and dS) are kept valid - true value or zero - up to kPad keys past the row's last visible key, so strips of
+// up to kPad + 1 rows may read them whole.
 // ---------------------------------------------------------------------------------------------------------
 
 // Register blocks: a score strip holds kScoreRows x kPanel accumulators, an accumulating strip kStripRows x
@@ -186,15 +186,21 @@ constexpr int kScoreRows = 6, kPanel = 2, kStripRows = 4, kStripVectors = 3;
 #endif
 constexpr int64_t kPad = kStripRows - 1;
 
-// The chunks every row sees whole go, by default, to the register blocks where they beat BLAS (torch's MKL): in
-// the AVX2 build (an AMD EPYC: a full 4,096 x 4,096 block's forward 1.17x and backward 1.10x faster; README).
-// With AVX-512 MKL is taken to be the faster (on an Intel Xeon the blocks took 1.1-1.35x its time per pair on
-// the diagonal squares; whole chunks were not measured there); other builds keep BLAS too. A call may choose either (register_chunks), which benchmarks/kernels.py --chunks compares.
-#if defined(CPU_CAPABILITY_AVX2)
-constexpr bool kRegisterChunks = true;
+// The chunks every row sees whole go, by default, to the register blocks on AMD processors, where they beat torch's
+// MKL (an AMD EPYC, AVX2 build: a full 4,096 x 4,096 block's forward 1.17x and backward 1.10x faster), and to
+// BLAS elsewhere (an Intel Xeon: the AVX2 build's blocks 0.93-0.94x forward and 0.86-0.87x backward; the AVX-512
+// build's no clear gain, full blocks 0.97-1.10x forward and 1.05-1.13x backward but causal ones 0.99-1.06x and
+// 0.94-1.04x; README). AMD's AVX-512 machines are unmeasured and follow their vendor; builds without AVX2 keep
+// BLAS. A call may choose either (register_chunks), which benchmarks/kernels.py --chunks compares.
+bool register_chunks_by_default() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd");
 #else
-constexpr bool kRegisterChunks = false;
+  return false;
 #endif
+}
+const bool kRegisterChunksByDefault = register_chunks_by_default();
 
 template <typename T>
 int64_t round_up(int64_t x) {
@@ -672,7 +678,7 @@ void flash_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   check(out, "out", q.sizes(), q.scalar_type()), check(lse, "lse", q.sizes().slice(0, 3), q.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_forward_", [&] {
     forward_impl<scalar_t>(q, k, v, out, lse, band_of(causal, window, k.size(2)),
-                           register_chunks.value_or(kRegisterChunks), scale_);
+                           register_chunks.value_or(kRegisterChunksByDefault), scale_);
   });
 }
 
@@ -689,7 +695,7 @@ void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   check(dq, "dq", q.sizes(), dtype), check(dk, "dk", k.sizes(), dtype), check(dv, "dv", k.sizes(), dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "flash_backward_", [&] {
     backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, band_of(causal, window, k.size(2)),
-                            register_chunks.value_or(kRegisterChunks), scale_);
+                            register_chunks.value_or(kRegisterChunksByDefault), scale_);
   });
 }
 
@@ -701,7 +707,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none(),
         py::arg("register_chunks") = py::none());
-  m.attr("register_chunks") = kRegisterChunks;  // the build's choice for the chunks every row sees whole
+  m.attr("register_chunks") = kRegisterChunksByDefault;  // this machine's choice for the chunks every row sees whole
 #ifdef INTRA_OP_PARALLEL
   m.attr("intra_op_parallel") = true;  // tasks run on torch's intra-op (OpenMP) threads
 #else
