@@ -7,11 +7,14 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 
-from striped_attention import LAYOUTS, cli
+from striped_attention import LAYOUTS, cli, kernels
 from striped_attention.bench import (
-    BASELINE, BenchConfig, Progress, Result, efficiencies, format_steps, format_table, paired_speedups, speedups,
+    BASELINE, BenchConfig, Progress, Result, _sdpa, efficiencies, format_steps, format_table, paired_speedups,
+    speedups,
 )
+from striped_attention.kernels import visible
 from striped_attention.ring import source_rank
 
 
@@ -40,6 +43,28 @@ def test_bench_json_contract(bench_run):
             assert r["scaling_efficiency"] == pytest.approx(rows[BASELINE, r["pass"]]["time_ms"] / (2 * r["time_ms"]))
             assert r["speedup_vs_contiguous"] == pytest.approx(rows["contiguous", r["pass"]]["time_ms"] / r["time_ms"])
     assert data["config"]["kv_heads"] == 1 and data["config"]["documents"] == 5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [1, 5, 130, 599, 600, 4096])
+def test_baseline_sdpa_under_a_window_by_query_chunks_equals_the_whole_mask(window, causal, monkeypatch):
+    """The baseline (and --check) runs SDPA on query chunks against the keys the window reaches: the same output
+    and gradients as SDPA under the whole (seq, seq) mask, in float64, with GQA; no mask of seq x seq."""
+    masks = []
+    monkeypatch.setattr(kernels, "visible", lambda *a, **kw: masks.append(visible(*a, **kw)) or masks[-1])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 600, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 600, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    got = _sdpa(q, k, v, causal, window=window)
+    got_grads = torch.autograd.grad(got, (q, k, v), dout)
+    if window < 600:  # query chunks against at most chunk - 1 + window keys (and every later one, if not causal)
+        chunk = max(window // 4, 128)
+        assert max(m.numel() for m in masks) <= chunk * (chunk + window - 1 if causal else 600)
+    mask = visible(600, 600, causal, window, q.device)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want, (q, k, v), dout))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_bench_under_a_sliding_window_checks_against_sdpa_with_its_mask(tmp_path):

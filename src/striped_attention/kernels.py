@@ -46,11 +46,13 @@ def _fold_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, n, d).sum(2)
 
 
-def visible(q_len: int, k_len: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
-    """(q_len, k_len) bool, True where query i sees key j; None where it sees every key."""
+def visible(q_len: int, k_len: int, causal: bool, window: int | None, device, offset: int = 0) -> torch.Tensor | None:
+    """(q_len, k_len) bool, True where query i sees key j; None where it sees every key. ``offset``: the first
+    query's position minus the first key's (0: both start at the sequence's start)."""
     if not causal and window is None:
         return None
-    distance = torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
+    rows = torch.arange(offset, offset + q_len, device=device)
+    distance = rows[:, None] - torch.arange(k_len, device=device)[None, :]
     seen = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
     return seen if window is None else seen & (distance < window)
 
