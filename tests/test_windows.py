@@ -143,11 +143,38 @@ def test_cpu_kernel_bands_match_the_reference(band, dtype, tol):
         assert error(got, w, dout) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("band", [(1100, 900, True, 300), (700, 900, False, 300)], ids=["causal", "dense"])
+def test_16_bit_windows_run_the_cpu_kernel_on_float32_copies(band, dtype):
+    """torch's CPU flash (16-bit inputs) has no window: the package's kernel takes the block on float32 copies,
+    so its running sums and gradient accumulators hold float32 attention of the 16-bit values."""
+    q_len, k_len, causal, window = band
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(1, 4, q_len, 24, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, k_len, 24, generator=g).to(dtype) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g).to(dtype)
+    assert kernels._select(q, "auto", window) == (kernels._widened_cpu_forward, kernels._widened_cpu_backward)
+    exact = [t.double() for t in (q, k, v, dout)]  # the same 16-bit values, in float64
+    want = kernels.reference_forward(*exact[:3], causal=causal, scale=0.3, window=window)
+    want_grads = kernels.reference_backward(exact[3], *exact[:3], *want, causal=causal, scale=0.3, window=window)
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=0.3, window=window)
+    assert out.dtype == dtype and relative_error(out, want[0]) < 1e-2
+    sums = kernels.no_keys_seen(q)  # the ring's float32 sums: folded in place, in float32
+    kernels.attention_forward_(*sums, q, k, v, causal=causal, scale=0.3, window=window)
+    assert relative_error(sums[0], want[0]) < 1e-5 and (sums[1].double() - want[1]).abs().max() < 1e-4
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=0.3, window=window)
+    assert [t.dtype for t in grads] == [dtype] * 3
+    accumulators = [torch.zeros(t.shape) for t in (q, k, v)]
+    kernels.attention_backward_(*accumulators, dout, q, k, v, *(t.float() for t in want), causal=causal,
+                                scale=0.3, window=window)  # the exact output: float32 work gives float32 error
+    for got, acc, w in zip(grads, accumulators, want_grads):
+        assert error(got, w, exact[3]) < 1e-2 and error(acc, w, exact[3]) < 1e-5
+
+
 def test_windows_on_backends_without_one():
-    """torch's CPU kernel (16-bit inputs) has no window: those pieces run the reference; the CUDA kernels
-    other than FlashAttention-2 refuse one by name."""
+    """torch's CPU kernel (16-bit inputs) has no window: backend "torch" runs the reference for those pieces
+    ("auto" the package's kernel, above); the CUDA kernels other than FlashAttention-2 refuse one by name."""
     q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
-    assert kernels._select(q, "auto", 3) == (kernels._reference_forward, kernels._reference_backward)
     assert kernels._select(q, "torch", 3) == (kernels._reference_forward, kernels._reference_backward)
     assert "takes no window" in error_of(lambda: kernels._select(q, "cudnn", 3))
     assert "CUDA kernel for other inputs" in error_of(lambda: kernels._select(q, "flash", 3))

@@ -196,6 +196,26 @@ def _own_cpu_backward(dout, q, k, v, out, lse, causal, scale, window=None):
     return dq, dk, dv
 
 
+def _widened(*tensors):
+    """16-bit operands as float32 copies (float32 and float64 as they are) for the CPU kernel."""
+    return tuple(t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors)
+
+
+def _widened_cpu_forward(q, k, v, causal, scale, window=None):
+    """A 16-bit windowed block on the CPU kernel (torch's CPU flash takes no window), on float32 copies: memory
+    linear in the block's length, where the reference would hold its scores whole."""
+    out, lse = _own_cpu_forward(*_widened(q, k, v), causal, scale, window)
+    return out.to(q.dtype), lse
+
+
+def _widened_cpu_backward(dout, q, k, v, out, lse, causal, scale, window=None):
+    grads = _own_cpu_backward(*_widened(dout, q, k, v, out), lse, causal, scale, window)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+_OWN_CPU = (_own_cpu_forward, _own_cpu_backward, _widened_cpu_forward, _widened_cpu_backward)
+
+
 def _rows_fit(t: torch.Tensor) -> bool:
     """Rows the CPU kernel can read in place: each row (head_dim) contiguous, rows not overlapping."""
     return t.stride(-1) == 1 and (t.stride(-2) >= t.shape[-1] or t.shape[-2] == 1)
@@ -434,11 +454,14 @@ def _select(q: torch.Tensor, backend: str, window: int | None = None):
 
 
 def _select_windowed(q: torch.Tensor, backend: str):
-    """The pair for a windowed block: this package's CPU kernel, FlashAttention-2 on CUDA, else the reference."""
+    """The pair for a windowed block: this package's CPU kernel (16-bit inputs on float32 copies),
+    FlashAttention-2 on CUDA, else the reference."""
     if backend in CUDA_KERNELS and backend != "flash":
         raise ValueError(f"backend {backend!r} takes no window; use 'auto', 'flash' or 'reference'")
-    if q.device.type == "cpu" and backend == "auto" and q.dtype in (torch.float32, torch.float64) and cpu_extension():
-        return _own_cpu_forward, _own_cpu_backward
+    if q.device.type == "cpu" and backend == "auto" and cpu_extension():
+        if q.dtype in (torch.float32, torch.float64):
+            return _own_cpu_forward, _own_cpu_backward
+        return _widened_cpu_forward, _widened_cpu_backward
     if q.device.type == "cuda" and backend in ("auto", "flash") and cuda_kernel_fits("flash", q):
         return _flash_window_forward, _flash_window_backward
     if backend == "flash":
@@ -479,8 +502,8 @@ def attention_forward_(out, lse, q, k, v, *, causal: bool, scale: float, backend
     (batch, heads, q_len) hold the attention of these queries over the keys seen so far (0 and -inf where
     none), and afterwards over those keys and k too. Views (a block's rows) are updated where they lie."""
     forward, _ = _select(q, backend, window)
-    if forward is _own_cpu_forward and _rows_fit(out):
-        _own_cpu_forward_(out, lse, q, k, v, causal, scale, window)
+    if forward in _OWN_CPU and _rows_fit(out):
+        _own_cpu_forward_(out, lse, *_widened(q, k, v), causal, scale, window)
     else:
         merge_(out, lse, *forward(q, k, v, causal, scale, *_window_arg(window)))
 
@@ -490,8 +513,8 @@ def attention_backward_(dq, dk, dv, dout, q, k, v, out, lse, *, causal: bool, sc
     """Add one block's gradients into ``dq`` (like q) and ``dk``, ``dv`` (like k), in the accumulation dtype,
     in place; ``out`` and ``lse`` are the final ones of the whole ring for these queries."""
     _, backward = _select(q, backend, window)
-    if backward is _own_cpu_backward and all(map(_rows_fit, (dq, dk, dv))):
-        _own_cpu_backward_(dq, dk, dv, dout, q, k, v, out, lse, causal, scale, window)
+    if backward in _OWN_CPU and all(map(_rows_fit, (dq, dk, dv))):
+        _own_cpu_backward_(dq, dk, dv, *_widened(dout, q, k, v, out), lse, causal, scale, window)
         return
     for total, part in zip((dq, dk, dv), backward(dout, q, k, v, out, lse, causal, scale, *_window_arg(window))):
         total += part
