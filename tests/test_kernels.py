@@ -46,7 +46,40 @@ def test_compiled_cpu_kernel_is_built_and_chosen_for_float32_and_float64():
         q, k, v = _inputs(dtype)
         assert kernels._select(q, "auto") == (kernels._own_cpu_forward, kernels._own_cpu_backward)
         assert kernels._select(q, "torch") == (kernels._cpu_forward, kernels._cpu_backward)
-    assert kernels._select(q.bfloat16(), "auto") == (kernels._cpu_forward, kernels._cpu_backward)
+    assert kernels._select(q.bfloat16(), "torch") == (kernels._cpu_forward, kernels._cpu_backward)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_16_bit_blocks_on_the_compiled_cpu_kernel_without_amx(dtype, causal, monkeypatch):
+    """Without AMX tiles (torch's 16-bit CPU kernel is slow there) 16-bit blocks run the compiled kernel on
+    float32 copies: the ring's float32 sums and gradient accumulators get float32 attention of the 16-bit
+    values, and the first block's sums are not rounded to 16 bits."""
+    for amx in (True, False):
+        monkeypatch.setattr(kernels, "torch_cpu_has_16_bit_tiles", lambda amx=amx: amx)
+        want = (kernels._cpu_forward, kernels._cpu_backward) if amx else (
+            kernels._widened_cpu_forward, kernels._widened_cpu_backward)
+        assert kernels._select(torch.ones(1, 1, 1, 8, dtype=dtype), "auto") == want
+    q, k, v = _inputs(dtype, q_len=300, k_len=300)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    exact = [t.double() for t in (q, k, v, dout)]  # the same 16-bit values, in float64
+    want_out, want_lse = kernels.reference_forward(*exact[:3], causal=causal, scale=0.3)
+    want_grads = kernels.reference_backward(exact[3], *exact[:3], want_out, want_lse, causal=causal, scale=0.3)
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=0.3)
+    assert out.dtype == dtype and (out.double() - want_out).norm() / want_out.norm() < 1e-2
+    first = kernels.first_sums(q, k, v, causal=causal, scale=0.3)
+    folded = kernels.no_keys_seen(q)
+    kernels.attention_forward_(*folded, q, k, v, causal=causal, scale=0.3)
+    for sums in (first, folded):
+        assert sums[0].dtype == torch.float32 and (sums[0].double() - want_out).norm() / want_out.norm() < 1e-5
+        assert (sums[1].double() - want_lse).abs().max() < 1e-4
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=0.3)
+    accumulators = [torch.zeros(t.shape) for t in (q, k, v)]
+    kernels.attention_backward_(*accumulators, dout, q, k, v, want_out.float(), want_lse.float(), causal=causal,
+                                scale=0.3)
+    for got, acc, w in zip(grads, accumulators, want_grads):
+        assert got.dtype == dtype and (got.double() - w).norm() / w.norm() < 2e-2
+        assert (acc.double() - w).norm() / w.norm() < 1e-5
 
 
 def test_compiled_cpu_kernel_takes_register_chunks_on_amd_processors_only():

@@ -29,6 +29,7 @@ def _version(package: str) -> str | None:
 def _kernel_names() -> dict:
     """The block kernels' forward functions -> what to call them."""
     names = {kernels._own_cpu_forward: "own CPU kernel", kernels._cpu_forward: "torch CPU flash",
+             kernels._widened_cpu_forward: "own CPU kernel on float32 copies",
              kernels._reference_forward: "reference (pure PyTorch)"}
     names.update({forward: f"torch CUDA {name}" for name, (forward, _) in kernels.CUDA_KERNELS.items()})
     return names
