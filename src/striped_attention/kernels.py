@@ -118,8 +118,9 @@ def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
     )
 
 
-# float32 and float64 on CPU: this package's own flash kernel (csrc/flash_cpu.cpp), compiled for this machine
-# on first use. It tiles like torch's, but computes the square on the causal diagonal with its own
+# float32 and float64 on CPU (16-bit inputs too, on float32 copies, where torch's kernel is slow or takes no
+# window: see torch_cpu_has_16_bit_tiles): this package's own flash kernel (csrc/flash_cpu.cpp), compiled for
+# this machine on first use. It tiles like torch's, but computes the square on the causal diagonal with its own
 # register-blocked products, each strip of queries only as far as it sees, so a causal block costs ~0.5 of a
 # full one instead of ~0.5 + 256/len (striped pays it every step).
 

@@ -74,7 +74,8 @@ def ring_attention(
             2-D tensor). A token attends only to its own document's tokens (causally if ``causal``). None:
             one document.
         backend: ``"auto"`` (fused kernels: this package's compiled kernel for float32 and float64 on
-            CPU; on CUDA cuDNN's (Hopper and later) or FlashAttention-2 for 16-bit inputs, the
+            CPU, and for 16-bit inputs on float32 copies unless the CPU has AMX tiles (then torch's); on
+            CUDA cuDNN's (Hopper and later) or FlashAttention-2 for 16-bit inputs, the
             memory-efficient kernel for float32; the reference where none fits), ``"torch"`` (torch's fused
             kernels only), ``"reference"`` (pure PyTorch; any device and dtype), or one of torch's CUDA
             kernels by name: ``"flash"``, ``"efficient"``, ``"cudnn"``.
