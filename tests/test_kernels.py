@@ -301,6 +301,39 @@ def test_compiled_cpu_kernel_as_an_avx2_machine_builds_it():
     assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_steps_pieces_in_one_call_equal_one_call_each(dtype, monkeypatch):
+    """fold_pieces_ / fold_piece_gradients_ (the ring's CPU path: a step's pieces in one kernel call) give what
+    the kernel gives piece by piece, bitwise: causal, dense, windowed (a band above the diagonal too), one
+    batch row, an empty piece, GQA."""
+    from striped_attention.layouts import Block
+
+    monkeypatch.setattr(kernels, "torch_cpu_has_16_bit_tiles", lambda: False)  # 16-bit: float32 copies too
+    q, k, v = _inputs(dtype, heads=4, kv_heads=2, q_len=300, k_len=280, batch=2)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    pieces = (Block(slice(0, 40), slice(0, 40), True), Block(slice(40, 300), slice(0, 280), True, window=30),
+              Block(slice(10, 20), slice(100, 260), False), Block(slice(50, 50), slice(0, 10), True),
+              Block(slice(100, 200), slice(0, 150), False, rows=slice(1, 2), window=-20))
+    assert kernels.takes_pieces(q, pieces, "auto") and not kernels.takes_pieces(q, pieces, "torch")
+    sums, one_by_one = kernels.no_keys_seen(q), kernels.no_keys_seen(q)
+    kernels.fold_pieces_(*sums, q, k, v, pieces, scale=0.3)
+    for p in pieces:
+        kernels.attention_forward_(p.queries(one_by_one[0]), p.queries(one_by_one[1]), p.queries(q), p.keys(k),
+                                   p.keys(v), causal=p.causal, scale=0.3, window=p.window)
+    assert all(torch.equal(a, b) for a, b in zip(sums, one_by_one)) and sums[0].abs().sum() > 0
+    out = sums[0].to(dtype)
+    grads, grads_one_by_one = ([torch.zeros(t.shape) for t in (q, k, v)] for _ in range(2))
+    kernels.fold_piece_gradients_(*grads, dout, q, k, v, out, sums[1], pieces, scale=0.3)
+    for p in pieces:
+        dq, dk, dv = grads_one_by_one
+        kernels.attention_backward_(p.queries(dq), p.keys(dk), p.keys(dv), p.queries(dout), p.queries(q), p.keys(k),
+                                    p.keys(v), p.queries(out), p.queries(sums[1]), causal=p.causal, scale=0.3,
+                                    window=p.window)
+    assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(grads, grads_one_by_one))
+    with pytest.raises(RuntimeError, match="piece 0 reaches outside q or k"):
+        kernels.fold_pieces_(*sums, q, k, v, (Block(slice(0, 301), slice(0, 10), False),), scale=0.3)
+
+
 def test_reference_matches_sdpa_in_float64():
     q, k, v = _inputs(torch.float64)
     out, _ = kernels.reference_forward(q, k, v, causal=True, scale=0.2)

@@ -536,6 +536,39 @@ def attention_backward_(dq, dk, dv, dout, q, k, v, out, lse, *, causal: bool, sc
         total += part
 
 
+def takes_pieces(q, pieces, backend: str) -> bool:
+    """Whether the CPU kernel computes every one of a ring step's pieces (:class:`layouts.Block`) under
+    ``backend``, so that :func:`fold_pieces_` and :func:`fold_piece_gradients_` take them in one call: not on
+    other devices or backends, nor for 16-bit inputs on a CPU with AMX tiles."""
+    return q.device.type == "cpu" and all(_select(q, backend, w)[0] in _OWN_CPU for w in {p.window for p in pieces})
+
+
+def fold_pieces_(out, lse, q, k, v, pieces, *, scale: float) -> None:
+    """Fold a ring step's pieces (local to q and k; ``takes_pieces``) into the running sums ``out``, ``lse``
+    (contiguous, the accumulation dtype) in place, in one call of the CPU kernel: packed documents' many small
+    pieces cost no Python call each."""
+    cpu_extension().forward_pieces_(*_unit_stride(*_widened(q, k, v)), out, lse, _piece_table(pieces, q.shape[0]),
+                                    scale, cpu_register_chunks)
+
+
+def fold_piece_gradients_(dq, dk, dv, dout, q, k, v, out, lse, pieces, *, scale: float) -> None:
+    """Add a ring step's pieces' gradients (``takes_pieces``) into ``dq`` and ``dk``, ``dv`` (contiguous, the
+    accumulation dtype) in place, in one call of the CPU kernel."""
+    cpu_extension().backward_pieces_(*_unit_stride(*_widened(dout, q, k, v, out)), lse, dq, dk, dv,
+                                     _piece_table(pieces, q.shape[0]), scale, cpu_register_chunks)
+
+
+def _piece_table(pieces, batch: int) -> torch.Tensor:
+    """(P, 9) int64, a row per piece: its batch rows, queries, keys (start, stop), causal, windowed, window."""
+    rows = []
+    for p in pieces:
+        first, stop, step = p.rows.indices(batch)
+        assert step == 1, "a piece's batch rows are one run"
+        window = 0 if p.window is None else p.window
+        rows.append((first, stop, p.q.start, p.q.stop, p.k.start, p.k.stop, p.causal, p.window is not None, window))
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 9)
+
+
 def no_keys_seen(q):
     """Running sums before any key: out = 0 (like q, in the accumulation dtype) and lse = -inf."""
     acc = acc_dtype(q.dtype)

@@ -413,10 +413,14 @@ def _forward_ring(q, k, v, layout: Layout, ring: _Ring, causal: bool, scale: flo
         source = source_rank(ring.rank, step, ring.size)
         incoming = ring.shift(kv, KV_TAG) if step < last else None
         together, alone = _pieces(q, layout, ring, source, causal, backend)
+        at_once = bool(alone) and kernels.takes_pieces(q, alone, backend)  # the CPU kernel: all in one call
+        if out is None and (together or at_once):
+            out, lse = kernels.no_keys_seen(q)
         if together:
-            if out is None:
-                out, lse = kernels.no_keys_seen(q)
             varlen.forward_(out, lse, q, *kv, together, scale=scale)
+        if at_once:
+            kernels.fold_pieces_(out, lse, q, *kv, alone, scale=scale)
+            alone = ()
         for blk in alone:
             piece = (blk.queries(q), blk.keys(kv[0]), blk.keys(kv[1]))
             if out is None:
@@ -496,6 +500,9 @@ def _backward_ring(dout, q, k, v, out, lse, layout: Layout, ring: _Ring, causal:
             dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in kv)
         if together:
             varlen.backward_(dq, dk, dv, dout, q, *kv, out, lse, together, scale=scale)
+        if alone and kernels.takes_pieces(q, alone, backend):  # the CPU kernel: all in one call
+            kernels.fold_piece_gradients_(dq, dk, dv, dout, q, *kv, out, lse, alone, scale=scale)
+            alone = ()
         for blk in alone:
             kernels.attention_backward_(
                 blk.queries(dq), blk.keys(dk), blk.keys(dv), blk.queries(dout), blk.queries(q), blk.keys(kv[0]),

@@ -664,6 +664,34 @@ Band band_of(bool causal, std::optional<int64_t> window, int64_t S) {
   return Band{causal, window.has_value(), window.value_or(0), S};
 }
 
+// A table of pieces (P, 9) int64, a row each: batch rows [b0, b1), queries [q0, q1), keys [k0, k1), causal,
+// windowed, window. One call for a ring step's pieces: packed documents give many small ones, each of which
+// would otherwise pay a Python call.
+struct Piece {
+  int64_t b0, b1, q0, q1, k0, k1;
+  Band band;
+  // the piece's part of a (B, H, len, ...) tensor indexed like the queries, or like the keys
+  at::Tensor queries(const at::Tensor& t) const { return t.narrow(0, b0, b1 - b0).narrow(2, q0, q1 - q0); }
+  at::Tensor keys(const at::Tensor& t) const { return t.narrow(0, b0, b1 - b0).narrow(2, k0, k1 - k0); }
+};
+
+std::vector<Piece> pieces_of(const at::Tensor& table, const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == 9,
+              "pieces must be a CPU int64 tensor of shape (P, 9)");
+  const at::Tensor rows = table.contiguous();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  std::vector<Piece> pieces;
+  for (int64_t i = 0; i < rows.size(0); ++i, r += 9) {
+    TORCH_CHECK(0 <= r[0] && r[0] <= r[1] && r[1] <= q.size(0) && 0 <= r[2] && r[2] <= r[3] && r[3] <= q.size(2) &&
+                    0 <= r[4] && r[4] <= r[5] && r[5] <= k.size(2),
+                "piece ", i, " reaches outside q or k");
+    const std::optional<int64_t> window = r[7] ? std::optional<int64_t>(r[8]) : std::nullopt;
+    if (r[1] > r[0] && r[3] > r[2] && r[5] > r[4]) pieces.push_back({r[0], r[1], r[2], r[3], r[4], r[5],
+                                                                      band_of(r[6] != 0, window, r[5] - r[4])});
+  }
+  return pieces;
+}
+
 }  // namespace
 
 // Folds softmax(scale * q k^T) v into the running sums, in place: out (B, H, L, D) and lse (B, H, L) hold the
@@ -699,6 +727,39 @@ void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   });
 }
 
+// flash_forward_ for each piece of a table (pieces_of), one after the other.
+void flash_forward_pieces_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                           const at::Tensor& lse, const at::Tensor& pieces, double scale_,
+                           std::optional<bool> register_chunks) {
+  check_qkv(q, k, v);
+  check(out, "out", q.sizes(), q.scalar_type()), check(lse, "lse", q.sizes().slice(0, 3), q.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_forward_pieces_", [&] {
+    for (const Piece& p : pieces_of(pieces, q, k)) {
+      forward_impl<scalar_t>(p.queries(q), p.keys(k), p.keys(v), p.queries(out), p.queries(lse), p.band,
+                             register_chunks.value_or(kRegisterChunksByDefault), scale_);
+    }
+  });
+}
+
+// flash_backward_ for each piece of a table (pieces_of), one after the other.
+void flash_backward_pieces_(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                            const at::Tensor& dv, const at::Tensor& pieces, double scale_,
+                            std::optional<bool> register_chunks) {
+  check_qkv(q, k, v);
+  const auto dtype = q.scalar_type();
+  check(dout, "dout", q.sizes(), dtype), check(out, "out", q.sizes(), dtype);
+  check(lse, "lse", q.sizes().slice(0, 3), dtype);
+  check(dq, "dq", q.sizes(), dtype), check(dk, "dk", k.sizes(), dtype), check(dv, "dv", k.sizes(), dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "flash_backward_pieces_", [&] {
+    for (const Piece& p : pieces_of(pieces, q, k)) {
+      backward_impl<scalar_t>(p.queries(dout), p.queries(q), p.keys(k), p.keys(v), p.queries(out), p.queries(lse),
+                              p.queries(dq), p.keys(dk), p.keys(dv), p.band,
+                              register_chunks.value_or(kRegisterChunksByDefault), scale_);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_", &flash_forward_, "fold a block into the running (out, lse), in place", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none(),
@@ -707,6 +768,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("causal"), py::arg("scale"), py::arg("window") = py::none(),
         py::arg("register_chunks") = py::none());
+  m.def("forward_pieces_", &flash_forward_pieces_, "forward_ for each piece of a (P, 9) table, in place",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("pieces"), py::arg("scale"),
+        py::arg("register_chunks") = py::none());
+  m.def("backward_pieces_", &flash_backward_pieces_, "backward_ for each piece of a (P, 9) table, in place",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("pieces"), py::arg("scale"), py::arg("register_chunks") = py::none());
   m.attr("register_chunks") = kRegisterChunksByDefault;  // this machine's choice for the chunks every row sees whole
 #ifdef INTRA_OP_PARALLEL
   m.attr("intra_op_parallel") = true;  // tasks run on torch's intra-op (OpenMP) threads
