@@ -664,6 +664,20 @@ Band band_of(bool causal, std::optional<int64_t> window, int64_t S) {
   return Band{causal, window.has_value(), window.value_or(0), S};
 }
 
+void check_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& lse) {
+  check_qkv(q, k, v);
+  check(out, "out", q.sizes(), q.scalar_type()), check(lse, "lse", q.sizes().slice(0, 3), q.scalar_type());
+}
+
+void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                    const at::Tensor& dv) {
+  check_forward(q, k, v, out, lse);
+  check(dout, "dout", q.sizes(), q.scalar_type()), check(dq, "dq", q.sizes(), q.scalar_type());
+  check(dk, "dk", k.sizes(), q.scalar_type()), check(dv, "dv", k.sizes(), q.scalar_type());
+}
+
 // A table of pieces (P, 9) int64, a row each: batch rows [b0, b1), queries [q0, q1), keys [k0, k1), causal,
 // windowed, window. One call for a ring step's pieces: packed documents give many small ones, each of which
 // would otherwise pay a Python call.
@@ -702,8 +716,7 @@ std::vector<Piece> pieces_of(const at::Tensor& table, const at::Tensor& q, const
 void flash_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                     const at::Tensor& lse, bool causal, double scale_, std::optional<int64_t> window,
                     std::optional<bool> register_chunks) {
-  check_qkv(q, k, v);
-  check(out, "out", q.sizes(), q.scalar_type()), check(lse, "lse", q.sizes().slice(0, 3), q.scalar_type());
+  check_forward(q, k, v, out, lse);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_forward_", [&] {
     forward_impl<scalar_t>(q, k, v, out, lse, band_of(causal, window, k.size(2)),
                            register_chunks.value_or(kRegisterChunksByDefault), scale_);
@@ -716,12 +729,8 @@ void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                      const at::Tensor& dv, bool causal, double scale_, std::optional<int64_t> window,
                      std::optional<bool> register_chunks) {
-  check_qkv(q, k, v);
-  const auto dtype = q.scalar_type();
-  check(dout, "dout", q.sizes(), dtype), check(out, "out", q.sizes(), dtype);
-  check(lse, "lse", q.sizes().slice(0, 3), dtype);
-  check(dq, "dq", q.sizes(), dtype), check(dk, "dk", k.sizes(), dtype), check(dv, "dv", k.sizes(), dtype);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "flash_backward_", [&] {
+  check_backward(dout, q, k, v, out, lse, dq, dk, dv);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_backward_", [&] {
     backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, band_of(causal, window, k.size(2)),
                             register_chunks.value_or(kRegisterChunksByDefault), scale_);
   });
@@ -731,8 +740,7 @@ void flash_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 void flash_forward_pieces_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                            const at::Tensor& lse, const at::Tensor& pieces, double scale_,
                            std::optional<bool> register_chunks) {
-  check_qkv(q, k, v);
-  check(out, "out", q.sizes(), q.scalar_type()), check(lse, "lse", q.sizes().slice(0, 3), q.scalar_type());
+  check_forward(q, k, v, out, lse);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_forward_pieces_", [&] {
     for (const Piece& p : pieces_of(pieces, q, k)) {
       forward_impl<scalar_t>(p.queries(q), p.keys(k), p.keys(v), p.queries(out), p.queries(lse), p.band,
@@ -746,12 +754,8 @@ void flash_backward_pieces_(const at::Tensor& dout, const at::Tensor& q, const a
                             const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                             const at::Tensor& dv, const at::Tensor& pieces, double scale_,
                             std::optional<bool> register_chunks) {
-  check_qkv(q, k, v);
-  const auto dtype = q.scalar_type();
-  check(dout, "dout", q.sizes(), dtype), check(out, "out", q.sizes(), dtype);
-  check(lse, "lse", q.sizes().slice(0, 3), dtype);
-  check(dq, "dq", q.sizes(), dtype), check(dk, "dk", k.sizes(), dtype), check(dv, "dv", k.sizes(), dtype);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "flash_backward_pieces_", [&] {
+  check_backward(dout, q, k, v, out, lse, dq, dk, dv);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_backward_pieces_", [&] {
     for (const Piece& p : pieces_of(pieces, q, k)) {
       backward_impl<scalar_t>(p.queries(dout), p.queries(q), p.keys(k), p.keys(v), p.queries(out), p.queries(lse),
                               p.queries(dq), p.keys(dk), p.keys(dv), p.band,
