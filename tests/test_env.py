@@ -13,14 +13,18 @@ from striped_attention.cli import main as cli_main
 from striped_attention.env import auto_kernels
 
 
+def _sixteen_bit() -> str:
+    """What "auto" runs 16-bit CPU blocks on here."""
+    return "torch CPU flash" if kernels.torch_cpu_has_16_bit_tiles() else "own CPU kernel on float32 copies"
+
+
 def test_env_names_versions_kernels_and_backends(capsys):
     assert cli_main(["env"]) == 0
     text = capsys.readouterr().out
     assert f"torch {torch.__version__}" in text
     assert f"striped-attention {striped_attention.__version__} ({Path(striped_attention.__file__).parent})" in text
     assert f"CPU: {torch.backends.cpu.get_cpu_capability()} vector unit" in text
-    sixteen_bit = "torch CPU flash" if kernels.torch_cpu_has_16_bit_tiles() else "own CPU kernel on float32 copies"
-    assert "float32 -> own CPU kernel," in text and f"bfloat16 -> {sixteen_bit}" in text
+    assert "float32 -> own CPU kernel," in text and f"bfloat16 -> {_sixteen_bit()}" in text
     assert "process groups: gloo" in text
 
 
@@ -33,8 +37,7 @@ def test_env_json_is_one_object(capsys):
 
 
 def test_auto_kernels_follow_the_selection():
-    sixteen_bit = "torch CPU flash" if kernels.torch_cpu_has_16_bit_tiles() else "own CPU kernel on float32 copies"
     assert auto_kernels(torch.device("cpu")) == {
-        "float32": "own CPU kernel", "bfloat16": sixteen_bit, "float16": sixteen_bit,
+        "float32": "own CPU kernel", "bfloat16": _sixteen_bit(), "float16": _sixteen_bit(),
     }
     assert set(auto_kernels(torch.device("meta")).values()) == {"reference (pure PyTorch)"}  # no fused kernel there

@@ -505,9 +505,10 @@ def first_sums(q, k, v, *, causal: bool, scale: float, backend: str = "auto", wi
     """The running sums (out, lse) in the accumulation dtype after one block that every query of q attends
     to: what attention_forward_ leaves in no_keys_seen(q), without merging into zeros (a kernel that returns
     its block's output pays a cast instead of a merge). Contiguous, whatever layout the kernel wrote."""
-    if _select(q, backend, window)[0] is _widened_cpu_forward:  # its float32 sums, not rounded to q's dtype
+    forward, _ = _select(q, backend, window)
+    if forward in _OWN_CPU:  # the kernel's own sums, already in the accumulation dtype (16-bit: not rounded)
         return _own_cpu_forward(*_widened(q, k, v), causal, scale, window)
-    out, lse = attention_forward(q, k, v, causal=causal, scale=scale, backend=backend, window=window)
+    out, lse = forward(q, k, v, causal, scale, *_window_arg(window))
     acc = acc_dtype(q.dtype)
     return out.to(acc, memory_format=torch.contiguous_format), lse.to(acc, memory_format=torch.contiguous_format)
 
